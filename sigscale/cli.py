@@ -1,0 +1,127 @@
+"""`sigscale` command line: one subcommand per stage, each a thin shell over a Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+def _config(args: argparse.Namespace):
+    from sigscale.pretrain.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from sigscale.pretrain.config import to_yaml
+
+    print(to_yaml(_config(args)), end="")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
+
+    path = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size,
+                           character_coverage=args.character_coverage, canonicalize_text=not args.no_canonicalize)
+    tok = Tokenizer(path)
+    print(f"wrote {path} (vocab {tok.vocab_size})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sigscale.pretrain import interop
+
+    model = interop.load_model(args.checkpoint)
+    if args.format == "hf":
+        out = interop.export_hf(model, args.out, tokenizer_model=args.tokenizer)
+    else:
+        out = interop.export_open_clip(model, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "loss":
+        from sigscale.bench_loss import render_markdown, run_loss_bench
+
+        kwargs = dict(out_json=args.out or "bench_results/loss.json")
+        if args.world_sizes:
+            kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
+        if args.batch_sizes:
+            kwargs["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+        if args.dim:
+            kwargs["dim"] = args.dim
+        results = run_loss_bench(**kwargs)
+        print(render_markdown(results))
+        return 0
+    if args.what == "tokenizer":
+        from sigscale.pretrain.tokenizer_bench import run_tokenizer_bench
+
+        print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
+        return 0
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sigscale.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sigscale", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def add(name: str, fn: Callable, help: str, config: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        if config:
+            sp.add_argument("--config", required=True, help="experiment YAML (path, or a name in configs/)")
+            sp.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.batch_size=32768")
+        return sp
+
+    add("config", cmd_config, "print the fully resolved experiment config", config=True)
+
+    t = add("tokenizer", cmd_tokenizer, "train a SentencePiece tokenizer on a caption corpus")
+    t.add_argument("--corpus", required=True, help="text file, one caption per line")
+    t.add_argument("--out", required=True, help="path of the .model to write")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--no-canonicalize", action="store_true")
+
+    e = add("export", cmd_export, "export a checkpoint to a Hugging Face SiglipModel dir or an open_clip state dict")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--format", choices=["hf", "open_clip"], default="hf")
+    e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export")
+
+    b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["loss", "tokenizer"])
+    b.add_argument("--out", help="JSON path to write")
+    b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
+    b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
+    b.add_argument("--dim", type=int)
+
+    d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sigscale.pretrain.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:  # config problems are user errors: one line, no traceback
+        print(f"sigscale: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
