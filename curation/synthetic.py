@@ -267,3 +267,11 @@ def write_image_folder(out_dir: Path, per_class: int, seed: int = 2, size: int =
             render(scene, size).save(d / f"{j:05d}.jpg", quality=92)
     (out_dir / "classnames.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     return out_dir
+
+
+def shard_records(n: int, seed: int = 0, size: int = 64, languages: Sequence[str] = LANGUAGES) -> Iterator[dict]:
+    """Generated samples in the shard record form of :func:`sigscale.curation.manifest.write_shards`."""
+    for i, (scene, lang, text) in enumerate(samples(n, seed, languages)):
+        yield {"key": f"{seed:03d}{i:09d}", "jpg": jpeg_bytes(render(scene, size)), "txt": text,
+               "json": {"language": lang, "class": scene.class_name, "position": scene.position,
+                        "count": scene.count}}
