@@ -74,6 +74,8 @@ class ModelConfig:
 class TokenizerConfig:
     # Path of a SentencePiece .model; empty means "train one from data.caption_corpus".
     model: str = ""
+    # unigram (SentencePiece's default, as for the mC4 vocabulary) or bpe
+    model_type: str = "unigram"
     vocab_size: int = 32000
     context_length: int = 64
     # big_vision SigLIP configs: eos="sticky" and pad_value=1 (the EOS id of its SentencePiece models).
@@ -246,12 +248,8 @@ def _choice(value: str, options: Sequence[str], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(options)}; set {key} to one of them")
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Reject impossible combinations before any work starts."""
-    m, t = cfg.model, cfg.train
-    _choice(t.strategy, STRATEGIES, "train.strategy")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.loss, LOSSES, "train.loss")
+def validate_model(m: ModelConfig) -> None:
+    """Tower shapes that cannot be built; also checked by create_model for configs built in code."""
     _choice(m.vision.act, ACTS, "model.vision.act")
     _choice(m.text.act, ACTS, "model.text.act")
     for tower in ("vision", "text"):
@@ -261,16 +259,27 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"model.{tower}.width={tc.width} is not divisible by model.{tower}.heads={tc.heads}; "
                 "pick heads that divide the width"
             )
-    if m.vision.image_size % m.vision.patch_size:
+    # image_size need not be a multiple of patch_size: So400M/14 at 384 px uses 27x27 patches
+    # (the patch convolution drops the remainder, as in big_vision and HF).
+    if m.vision.patch_size > m.vision.image_size:
         raise ConfigError(
-            f"model.vision.image_size={m.vision.image_size} is not a multiple of "
-            f"model.vision.patch_size={m.vision.patch_size}"
+            f"model.vision.patch_size={m.vision.patch_size} exceeds model.vision.image_size={m.vision.image_size}"
         )
     if not m.text.projection and m.text.width != m.vision.width:
         raise ConfigError(
             f"model.text.projection=false needs model.text.width ({m.text.width}) == "
             f"model.vision.width ({m.vision.width}); enable the projection or match the widths"
         )
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Reject impossible combinations before any work starts."""
+    m, t = cfg.model, cfg.train
+    _choice(t.strategy, STRATEGIES, "train.strategy")
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.loss, LOSSES, "train.loss")
+    validate_model(m)
+    _choice(cfg.tokenizer.model_type, ("unigram", "bpe"), "tokenizer.model_type")
     if cfg.tokenizer.context_length != m.text.context_length:
         raise ConfigError(
             f"tokenizer.context_length={cfg.tokenizer.context_length} differs from "
@@ -300,6 +309,16 @@ def check_world_size(cfg: ExperimentConfig, world_size: int) -> int:
             f"{world_size * t.accum_steps}"
         )
     return t.batch_size // (world_size * t.accum_steps)
+
+
+def config_from_yaml(text: str, source: str = "<yaml>") -> ExperimentConfig:
+    """Rebuild a validated config from ``to_yaml`` output (e.g. stored next to weights)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, source) from None
+    validate(cfg)
+    return cfg
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

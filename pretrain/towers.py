@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from sigscale.pretrain.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from sigscale.pretrain.config import ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
 
 
 def _so400m_vision(image_size: int, patch_size: int) -> VisionConfig:
@@ -171,6 +171,7 @@ def create_model(name_or_config: Union[str, ModelConfig], device: Union[str, tor
     Overrides like ``text_vocab_size=4000`` replace single tower fields, e.g. to follow a tokenizer.
     """
     cfg = resolve_model_config(name_or_config, **overrides)
+    validate_model(cfg)
     with torch.device(device):
         return SiglipModel(cfg)
 

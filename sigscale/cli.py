@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -21,10 +23,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:
+        # Re-launch this command under torchrun: one process per rank, env-based rendezvous.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "sigscale.cli", "train", "--config", args.config, *args.overrides]
+        return subprocess.call(cmd)
+    from sigscale.pretrain.train import train
+
+    result = train(_config(args), resume=not args.no_resume)
+    if result.final_weights:
+        print(f"weights: {result.final_weights}")
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
 
-    path = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size,
+    path = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
                            character_coverage=args.character_coverage, canonicalize_text=not args.no_canonicalize)
     tok = Tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size})")
@@ -54,11 +70,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             kwargs["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
         if args.dim:
             kwargs["dim"] = args.dim
+        if args.impls:
+            kwargs["impls"] = tuple(args.impls.split(","))
+        for key in ("repeats", "chunk_size", "max_seconds"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
+        kwargs["quick"] = args.quick
         results = run_loss_bench(**kwargs)
         print(render_markdown(results))
         return 0
     if args.what == "tokenizer":
-        from sigscale.pretrain.tokenizer_bench import run_tokenizer_bench
+        from sigscale.bench_tokenizer import run_tokenizer_bench
 
         print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
         return 0
@@ -86,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("config", cmd_config, "print the fully resolved experiment config", config=True)
 
+    tr = add("train", cmd_train, "train a SigLIP model (resumes from the run's latest checkpoint)", config=True)
+    tr.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under Slurm/torchrun the env decides")
+    tr.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out_dir")
+
     t = add("tokenizer", cmd_tokenizer, "train a SentencePiece tokenizer on a caption corpus")
     t.add_argument("--corpus", required=True, help="text file, one caption per line")
     t.add_argument("--out", required=True, help="path of the .model to write")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     t.add_argument("--no-canonicalize", action="store_true")
 
     e = add("export", cmd_export, "export a checkpoint to a Hugging Face SiglipModel dir or an open_clip state dict")
@@ -105,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
     b.add_argument("--dim", type=int)
+    b.add_argument("--impls", help="comma-separated: sigscale,open_clip_bidir,open_clip_gather,naive_allgather,...")
+    b.add_argument("--repeats", type=int)
+    b.add_argument("--chunk-size", type=int)
+    b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
+    b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
 
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
     d.add_argument("--out", default="demo_out")

@@ -55,7 +55,9 @@ def test_wrong_type(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.strategy=zero"], "train.strategy='zero' is not one of"),
     (["model.vision.heads=5"], "not divisible by model.vision.heads=5"),
-    (["model.vision.patch_size=7"], "not a multiple of model.vision.patch_size"),
+    (["model.vision.patch_size=64"], "model.vision.patch_size=64 exceeds"),
+    (["model.vision.act=relu"], "model.vision.act='relu' is not one of"),
+    (["tokenizer.model_type=wordpiece"], "tokenizer.model_type='wordpiece' is not one of"),
     (["model.text.projection=false", "model.text.width=128", "model.text.heads=4"], "projection=false needs"),
     (["tokenizer.context_length=64"], "differs from model.text.context_length"),
     (["train.batch_size=100", "train.accum_steps=3"], "not divisible by train.accum_steps"),

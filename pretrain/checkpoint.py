@@ -1,0 +1,99 @@
+"""Sharded checkpoints with torch.distributed.checkpoint, written atomically, resumed exactly.
+
+Layout of ``<run>/checkpoints``::
+
+    step_00000100/          a complete checkpoint: DCP shards + .metadata, rank_<r>.pt, COMPLETE
+    step_00000200.tmp/      one being written (or cut short by a kill): never read
+    latest                  name of the newest complete checkpoint
+
+Model and optimizer go through DCP, so a checkpoint written by W ranks loads on any other world
+size (DCP reshards). What is private to a rank (data position, RNG) goes to ``rank_<r>.pt``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+COMPLETE = "COMPLETE"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """Complete checkpoints, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    done = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    done = list_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    shared: Dict[str, Any], private: Dict[str, Any], keep_last: int = 3) -> Path:
+    """Write step ``step`` atomically: every rank writes into a .tmp dir, rank 0 renames it when all are done.
+
+    ``shared`` (schedule, step, ...) is identical on all ranks; ``private`` (data position, RNG) is per rank.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({"shared": shared, "private": private}, tmp / f"rank_{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / COMPLETE).write_text(str(step))
+        if final.exists():  # re-saving the same step (e.g. after a requeue): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = ckpt_dir / "latest.tmp"
+        pointer.write_text(final.name)
+        pointer.replace(ckpt_dir / "latest")
+        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """Restore model and optimizer in place (resharding as needed); returns shared and private state.
+
+    ``private`` is None when this rank did not exist in the saving run (a larger world size now).
+    """
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker); pick another or start fresh")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    mine = path / f"rank_{_rank()}.pt"
+    source = mine if mine.is_file() else path / "rank_0.pt"
+    extra = torch.load(source, weights_only=True)
+    saved_world = len(list(path.glob("rank_*.pt")))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"shared": extra["shared"], "private": extra["private"] if saved_world == world else None,
+            "saved_world_size": saved_world}

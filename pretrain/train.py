@@ -1,0 +1,175 @@
+"""The training loop. One step reads top to bottom: data → towers → loss → backward → step → log."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sigscale.pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sigscale.pretrain.config import ExperimentConfig, check_world_size, config_hash, to_yaml
+from sigscale.pretrain.data import DataPosition, make_loader
+from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
+from sigscale.pretrain.optim import build_optimizer, build_schedule
+from sigscale.pretrain.sharding import DistInfo, init_distributed, parallelize
+from sigscale.pretrain.tokenizer import Tokenizer
+from sigscale.pretrain.towers import create_model, tower_flops_per_sample
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss: the run stops instead of corrupting weights."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: List[float] = field(default_factory=list)
+    final_weights: Optional[Path] = None
+    skipped_samples: Dict[str, int] = field(default_factory=dict)
+
+
+def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> torch.Tensor:
+    if cfg.train.loss == "softmax":
+        return softmax_loss(img, txt, scale, group=group, validate=False)
+    # No per-step validation: the engine guarantees shapes, and a non-finite loss is handled by the
+    # skip-then-stop policy in train() rather than raised from inside the loss.
+    return chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
+                                validate=False)
+
+
+def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
+    """Every rank must agree to skip a step, or ranks would diverge."""
+    flag = torch.tensor([float(torch.isfinite(loss).item())], device=loss.device)
+    if info.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop metric lines of steps a resumed run will redo, so the file never repeats a step."""
+    if path.is_file():
+        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start_step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
+def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True) -> TrainResult:
+    """Train from ``cfg`` on this process's rank, resuming from the run's latest checkpoint if any."""
+    info = info or init_distributed()
+    micro = check_world_size(cfg, info.world_size)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.train.out_dir)
+    tokenizer = Tokenizer(cfg.tokenizer.model, cfg.tokenizer.context_length, cfg.tokenizer.pad_id,
+                          cfg.tokenizer.canonicalize)
+    # The text vocabulary follows the tokenizer; the same seed gives every rank the same init.
+    model = create_model(cfg.model, text_vocab_size=tokenizer.vocab_size)
+    flops = tower_flops_per_sample(model.cfg)
+    model = parallelize(model, cfg.train, info)
+    opt = build_optimizer(model, cfg.train)
+    sched = build_schedule(opt, cfg.train)
+    ckpt_dir = run_dir / "checkpoints"
+    start_step, position, data_seed = 0, DataPosition.start(cfg.data.num_workers), cfg.data.seed + cfg.train.seed
+    resume_from = latest_checkpoint(ckpt_dir) if resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, opt)
+        start_step = state["shared"]["step"]
+        sched.load_state_dict(state["shared"]["schedule"])
+        if state["private"] is not None:
+            position = DataPosition(**state["private"]["data"])
+            torch.set_rng_state(state["private"]["rng"])
+        else:  # another world size: streams are laid out differently, start a fresh shard order
+            data_seed += start_step
+            if info.is_main:
+                warnings.warn(f"resuming {resume_from} written by {state['saved_world_size']} ranks on "
+                              f"{info.world_size}: weights and optimizer resharded, data order restarts")
+        if info.is_main:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    loader = make_loader(cfg.data.shards, tokenizer, cfg.model.vision.image_size, micro, info.rank,
+                         info.world_size, cfg.data.num_workers, data_seed, cfg.data.shuffle_buffer, position)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    result = TrainResult(run_dir)
+    skipped: Counter = Counter()
+    bad_steps, t_last = 0, time.perf_counter()
+    data = iter(loader)
+    # A progress bar with ETA on an interactive terminal; plain log lines otherwise (Slurm logs, CI).
+    bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True) \
+        if info.is_main and sys.stdout.isatty() else None
+    for step in range(start_step, cfg.train.steps):
+        batch = next(data)
+        position.advance(batch)
+        skipped.update(batch["skipped"])
+        img, txt, scale, bias = model(batch["pixels"].to(info.device), batch["tokens"].to(info.device))
+        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+        if not _all_finite(loss, info):
+            bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss {loss.item()}, step skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{bad_steps} consecutive non-finite losses up to step {step}; lower train.lr, check the "
+                    "data for broken samples, or raise train.max_nonfinite_steps"
+                )
+            opt.zero_grad(set_to_none=True)
+            continue
+        bad_steps = 0
+        # Copies taken now: FSDP frees the unsharded t', b once backward is done with them.
+        t_log, b_log = scale.detach().float().clone(), bias.detach().float().clone()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # Each rank's loss is its share; the mean over ranks is the global-batch loss.
+        global_loss = loss.detach().clone()
+        if info.world_size > 1:
+            dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
+        result.losses.append(global_loss.item())
+        if metrics and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
+            now = time.perf_counter()
+            images_per_s = cfg.train.batch_size * (1 if step == 0 else cfg.train.log_every) / (now - t_last)
+            t_last = now
+            record = {
+                "step": step, "loss": result.losses[-1], "t": math.exp(t_log.item()), "b": b_log.item(), "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "images_per_s": images_per_s,
+                "tflops_per_s": images_per_s * 3 * (flops["vision"] + flops["text"]) / 1e12,
+                "skipped": dict(skipped),
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            line = (f"step {step:>6}  loss {record['loss']:.4f}  t {record['t']:.2f}  b {record['b']:.2f}  "
+                    f"lr {record['lr']:.2e}  {images_per_s:.0f} img/s")
+            bar.write(line) if bar else print(line, flush=True)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        done = step + 1
+        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+            save_checkpoint(ckpt_dir, done, model, opt,
+                            shared={"step": done, "schedule": sched.state_dict()},
+                            private={"data": {"batches": position.batches, "raw": list(position.raw)},
+                                     "rng": torch.get_rng_state()},
+                            keep_last=cfg.train.keep_last)
+    if bar:
+        bar.close()
+    # Full (unsharded) weights for evaluation and export: every rank takes part in the gather.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        metrics.close()
+        result.final_weights = run_dir / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(result.final_weights),
+                  metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})
+    result.skipped_samples = dict(skipped)
+    return result

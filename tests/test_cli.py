@@ -1,0 +1,49 @@
+"""The CLI is a thin shell: stages listed, configs resolved, user errors as one clear line."""
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import SiglipModel as HFSiglipModel
+
+from sigscale.cli import main
+from sigscale.pretrain.config import load_config, to_yaml
+from sigscale.pretrain.interop import load_model
+from sigscale.pretrain.towers import create_model
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sigscale.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_stages():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for stage in ("train", "tokenizer", "export", "bench", "demo", "config"):
+        assert stage in out.stdout
+
+
+def test_config_prints_resolved_yaml_and_rejects_bad_keys(capsys):
+    assert main(["config", "--config", "tiny", "train.batch_size=64"]) == 0
+    assert "batch_size: 64" in capsys.readouterr().out
+    assert main(["config", "--config", "tiny", "train.batchsize=64"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.batchsize'" in err and "train.batch_size" in err
+
+
+def test_export_run_weights_to_hf(tmp_path):
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)
+    weights = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(weights), metadata={"config": to_yaml(cfg)})
+    reloaded = load_model(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k])
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 0
+    hf = HFSiglipModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 1000, (2, 16))
+    with torch.no_grad():
+        ours = model.encode_text(ids, normalize=False)
+        theirs = hf.get_text_features(input_ids=ids).pooler_output
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
