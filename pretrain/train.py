@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.utils.tensorboard import SummaryWriter
 
 from sigscale.pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sigscale.pretrain.config import ExperimentConfig, check_world_size, config_hash, to_yaml
@@ -101,6 +102,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
     metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step) if info.is_main else None
     result = TrainResult(run_dir)
     skipped: Counter = Counter()
     bad_steps, t_last = 0, time.perf_counter()
@@ -149,6 +151,9 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             }
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            for key, value in record.items():
+                if isinstance(value, float):
+                    tb.add_scalar(f"train/{key}", value, step)
             line = (f"step {step:>6}  loss {record['loss']:.4f}  t {record['t']:.2f}  b {record['b']:.2f}  "
                     f"lr {record['lr']:.2e}  {images_per_s:.0f} img/s")
             bar.write(line) if bar else print(line, flush=True)
@@ -168,6 +173,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         metrics.close()
+        tb.close()
         result.final_weights = run_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(result.final_weights),
                   metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})

@@ -89,6 +89,11 @@ def test_single_process_run_learns_logs_and_keeps_last_checkpoints(tmp_path, dat
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "t", "b", "lr", "grad_norm", "images_per_s", "tflops_per_s"):
         assert key in row
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tb_loss = [e.value for e in events.Scalars("train/loss")]
+    assert tb_loss == pytest.approx(losses, rel=1e-6)
 
 
 def cli_train(data, out_dir, steps, ckpt_every, nproc=1):
