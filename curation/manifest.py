@@ -6,6 +6,7 @@ and language counts, so training can check its input before it starts.
 """
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 import json
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ MANIFEST = "manifest.json"
 FORMAT = "sigscale-shards/1"
 
 
-class ManifestError(ValueError):
+class ManifestError(SigscaleError, ValueError):
     """Shards or their manifest are missing or inconsistent; the message says which and how to fix it."""
 
 

@@ -7,6 +7,7 @@ text→image per caption, recall@1/5/10 per language and their unweighted mean.
 """
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -23,7 +24,7 @@ XM3600_LANGUAGES = (
 ).split()
 
 
-class XM3600Error(ValueError):
+class XM3600Error(SigscaleError, ValueError):
     """The XM3600 folder is incomplete or malformed."""
 
 

@@ -1,6 +1,7 @@
 """Zero-shot classification: prompt-ensembled class embeddings, argmax of image·text."""
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -14,7 +15,7 @@ from sigscale.pretrain.towers import SiglipModel
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".JPEG"}
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(SigscaleError, ValueError):
     """A classification folder or class-names file is malformed."""
 
 

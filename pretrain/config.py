@@ -8,6 +8,7 @@ it override the preset.
 """
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 import dataclasses
 import difflib
 import hashlib
@@ -23,7 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from sigscale import CONFIG_DIR
 
 
-class ConfigError(ValueError):
+class ConfigError(SigscaleError, ValueError):
     """A config is wrong: the message names the key and the fix."""
 
 

@@ -6,6 +6,7 @@ and kept when the caption is truncated ("sticky" EOS), padding to a fixed length
 """
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 import io
 import re
 import string
@@ -29,7 +30,7 @@ def canonicalize(text: str) -> str:
     return _WS.sub(" ", text.lower().translate(_PUNCT)).strip()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SigscaleError, ValueError):
     """Tokenizer training or loading failed; the message says why and what to change."""
 
 

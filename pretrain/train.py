@@ -1,6 +1,7 @@
 """The training loop. One step reads top to bottom: data → towers → loss → backward → step → log."""
 from __future__ import annotations
 
+from sigscale.errors import SigscaleError
 import json
 import math
 import sys
@@ -9,7 +10,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from sigscale.pretrain.tokenizer import Tokenizer
 from sigscale.pretrain.towers import create_model, tower_flops_per_sample
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SigscaleError, RuntimeError):
     """Too many consecutive steps had a NaN/inf loss: the run stops instead of corrupting weights."""
 
 
@@ -38,6 +39,8 @@ class TrainResult:
     losses: List[float] = field(default_factory=list)
     final_weights: Optional[Path] = None
     skipped_samples: Dict[str, int] = field(default_factory=dict)
+    # True when ``should_stop`` ended the run early (preemption): a checkpoint was written, no weights.
+    stopped_early: bool = False
 
 
 def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> torch.Tensor:
@@ -57,6 +60,13 @@ def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(flag.item())
 
 
+def _any_rank(flag: bool, info: DistInfo) -> bool:
+    t = torch.tensor([float(flag)], device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _truncate_metrics(path: Path, start_step: int) -> None:
     """Drop metric lines of steps a resumed run will redo, so the file never repeats a step."""
     if path.is_file():
@@ -64,8 +74,14 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
         path.write_text("".join(l + "\n" for l in keep))
 
 
-def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True) -> TrainResult:
-    """Train from ``cfg`` on this process's rank, resuming from the run's latest checkpoint if any."""
+def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True,
+          should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+    """Train from ``cfg`` on this process's rank, resuming from the run's latest checkpoint if any.
+
+    ``should_stop`` is polled at every step boundary (e.g. a flag set by a preemption signal); when it
+    is true on any rank, all ranks write a checkpoint of the steps done so far and return with
+    ``stopped_early`` set, so a requeued job resumes exactly there.
+    """
     info = info or init_distributed()
     micro = check_world_size(cfg, info.world_size)
     torch.manual_seed(cfg.train.seed)
@@ -110,7 +126,19 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     # A progress bar with ETA on an interactive terminal; plain log lines otherwise (Slurm logs, CI).
     bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True) \
         if info.is_main and sys.stdout.isatty() else None
+    def checkpoint(done: int) -> None:
+        save_checkpoint(ckpt_dir, done, model, opt,
+                        shared={"step": done, "schedule": sched.state_dict()},
+                        private={"data": {"batches": position.batches, "raw": list(position.raw)},
+                                 "rng": torch.get_rng_state()},
+                        keep_last=cfg.train.keep_last)
+
     for step in range(start_step, cfg.train.steps):
+        if should_stop is not None and _any_rank(should_stop(), info):
+            if latest_checkpoint(ckpt_dir) != ckpt_dir / f"step_{step:08d}":
+                checkpoint(step)
+            result.stopped_early = True
+            break
         batch = next(data)
         position.advance(batch)
         skipped.update(batch["skipped"])
@@ -162,13 +190,15 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
         done = step + 1
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
-            save_checkpoint(ckpt_dir, done, model, opt,
-                            shared={"step": done, "schedule": sched.state_dict()},
-                            private={"data": {"batches": position.batches, "raw": list(position.raw)},
-                                     "rng": torch.get_rng_state()},
-                            keep_last=cfg.train.keep_last)
+            checkpoint(done)
     if bar:
         bar.close()
+    result.skipped_samples = dict(skipped)
+    if result.stopped_early:
+        if info.is_main:
+            metrics.close()
+            tb.close()
+        return result
     # Full (unsharded) weights for evaluation and export: every rank takes part in the gather.
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
@@ -177,5 +207,4 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         result.final_weights = run_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(result.final_weights),
                   metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})
-    result.skipped_samples = dict(skipped)
     return result

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+STAGE_PACKAGES = ("curation", "eval", "slurm", "pretrain")
 
 
 def _config(args: argparse.Namespace):
@@ -141,17 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
+
+    # Each stage package owns its subcommands in `<stage>/cli.py` with `register(add)`; importing it
+    # must stay cheap (no torch), so `sigscale --help` is instant.
+    for stage in STAGE_PACKAGES:
+        name = f"sigscale.{stage}.cli"
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(add)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from sigscale.errors import SigscaleError
     from sigscale.pretrain.config import ConfigError
 
     try:
         return args.fn(args)
-    except ConfigError as e:  # config problems are user errors: one line, no traceback
-        print(f"sigscale: config error: {e}", file=sys.stderr)
+    except SigscaleError as e:  # user errors: one line naming cause and fix, no traceback
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"sigscale: {kind}: {e}", file=sys.stderr)
         return 2
 
 

@@ -163,3 +163,18 @@ def test_nonfinite_loss_skips_then_stops_with_clear_error(tmp_path, data):
             train(cfg)
     assert sum("step skipped" in str(w.message) for w in record) == 3
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []  # nothing corrupt was saved
+
+
+def test_stop_request_checkpoints_and_resume_continues_the_same_run(tmp_path, data):
+    """The preemption path: a stop request at a step boundary writes a checkpoint there, and the
+    resumed run's metrics equal an uninterrupted run's, with no step repeated or skipped."""
+    ref = train(load_config("tiny", overrides(data, tmp_path / "ref", 8, 100)))
+    calls = iter(range(1000))
+    cfg = load_config("tiny", overrides(data, tmp_path / "run", 8, 100))
+    first = train(cfg, should_stop=lambda: next(calls) >= 5)
+    assert first.stopped_early and first.final_weights is None
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000005"
+    second = train(cfg)
+    assert not second.stopped_early and second.final_weights.is_file()
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == list(range(8))
+    assert metric_losses(tmp_path / "run") == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)
