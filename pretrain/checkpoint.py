@@ -8,6 +8,8 @@ Layout of ``<run>/checkpoints``::
 
 Model and optimizer go through DCP, so a checkpoint written by W ranks loads on any other world
 size (DCP reshards). What is private to a rank (data position, RNG) goes to ``rank_<r>.pt``.
+A DeepSpeed engine writes its own ZeRO files (``deepspeed/``) into the same atomic layout; those
+reload on the same world size (DeepSpeed's ``ds_to_universal`` converts them for another one).
 """
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from sigscale.pretrain.config import ConfigError
+
 COMPLETE = "COMPLETE"
+DEEPSPEED_TAG = "deepspeed"
+
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def _barrier() -> None:
@@ -60,8 +69,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if _is_deepspeed(model):
+        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save({"shared": shared, "private": private}, tmp / f"rank_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -86,14 +98,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker); pick another or start fresh")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved_world = len(list(path.glob("rank_*.pt")))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    written_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
+    if written_by_deepspeed != _is_deepspeed(model):
+        raise ConfigError(
+            f"{path} was written by {'DeepSpeed' if written_by_deepspeed else 'FSDP/DDP (DCP)'} but this run uses "
+            f"{'DeepSpeed' if _is_deepspeed(model) else 'FSDP/DDP'}; resume with the strategy that wrote it, "
+            "or start a new train.out_dir"
+        )
+    if written_by_deepspeed:
+        if saved_world != world:
+            raise ConfigError(
+                f"{path} holds DeepSpeed ZeRO shards of {saved_world} ranks; this run has {world}. Convert it "
+                "with DeepSpeed's ds_to_universal.py (stages 1-2 also need --inject_missing_state) and load it "
+                "with the universal-checkpoint option, or resume on the same number of ranks"
+            )
+        model.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     mine = path / f"rank_{_rank()}.pt"
     source = mine if mine.is_file() else path / "rank_0.pt"
     extra = torch.load(source, weights_only=True)
-    saved_world = len(list(path.glob("rank_*.pt")))
-    world = dist.get_world_size() if dist.is_initialized() else 1
     return {"shared": extra["shared"], "private": extra["private"] if saved_world == world else None,
             "saved_world_size": saved_world}

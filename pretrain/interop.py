@@ -18,18 +18,27 @@ Imported tensors are cast to the dtype of our freshly built model (float32).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sigscale.pretrain.config import ModelConfig, TextConfig, VisionConfig
+from sigscale.errors import SigscaleError
+from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_hash
 from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config
 
 StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointLoadError(SigscaleError, ValueError):
+    """A checkpoint path cannot be loaded as given; the message says what it holds and what to pass."""
+
+
 PathLike = Union[str, Path]
 
 _TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -341,24 +350,114 @@ def import_open_clip(path_or_state_dict: Union[PathLike, Mapping[str, torch.Tens
     return _build(cfg, {ours: state[theirs] for theirs, ours in names.items()}, source, fix)
 
 
-def load_model(path: PathLike) -> SiglipModel:
-    """Load any checkpoint the CLI accepts: a HF SiglipModel dir, or a sigscale run dir / model.safetensors."""
+@dataclass
+class CheckpointSource:
+    """What a checkpoint path holds, as far as loading and reporting need to know."""
+
+    path: Path
+    kind: str  # "hf" | "safetensors" (sigscale final weights) | "dcp" (a training checkpoint) | "open_clip"
+    weights: Path
+    experiment: Optional[ExperimentConfig] = None  # the run's config, when the checkpoint carries or sits beside it
+    step: Optional[int] = None
+    config_hash: str = ""
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _dcp_source(step_dir: Path) -> CheckpointSource:
+    """A ``run/checkpoints/step_XXXXXXXX`` directory: its run's config.yaml gives the model."""
+    from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG
+    from sigscale.pretrain.config import config_from_yaml
+
+    if not (step_dir / COMPLETE).is_file():
+        raise CheckpointLoadError(f"{step_dir} is not a complete checkpoint (no {COMPLETE} marker; a kill cut it "
+                                  "short); evaluate an older step_* directory")
+    if (step_dir / DEEPSPEED_TAG).is_dir():
+        raise CheckpointLoadError(
+            f"{step_dir} holds DeepSpeed ZeRO shards; consolidate them with the zero_to_fp32.py script DeepSpeed "
+            f"wrote next to them (python {step_dir / DEEPSPEED_TAG}/../zero_to_fp32.py ...) or evaluate the run's "
+            "model.safetensors")
+    run_yaml = step_dir.parent.parent / "config.yaml"
+    if not run_yaml.is_file():
+        raise CheckpointLoadError(f"{run_yaml} not found: a training checkpoint is read with its run's config; "
+                                  "keep the step directory inside <run>/checkpoints/")
+    cfg = config_from_yaml(run_yaml.read_text(), source=str(run_yaml))
+    step = int((step_dir / COMPLETE).read_text().strip() or step_dir.name.split("_")[-1])
+    return CheckpointSource(step_dir, "dcp", step_dir, cfg, step, config_hash(cfg))
+
+
+def resolve_checkpoint(path: PathLike) -> CheckpointSource:
+    """Classify a checkpoint path: HF dir, sigscale run dir / weights, DCP step dir, or open_clip weights."""
     from safetensors import safe_open
 
+    from sigscale.pretrain.checkpoint import latest_checkpoint
     from sigscale.pretrain.config import config_from_yaml
 
     p = Path(path)
+    if not p.exists():
+        raise CheckpointLoadError(f"checkpoint {p} does not exist")
     if p.is_dir() and (p / "config.json").is_file():
-        return import_hf(p)
-    weights = p / "model.safetensors" if p.is_dir() else p
-    if not weights.is_file():
-        raise ValueError(f"{p} is neither a Hugging Face SiglipModel dir nor a sigscale run dir with model.safetensors")
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"{weights} carries no sigscale config metadata; for open_clip weights use import_open_clip")
-    cfg = config_from_yaml(meta["config"], source=str(weights)).model
-    state = load_file(str(weights))
-    model = create_model(cfg, device="meta", text_vocab_size=state["text.token_embedding.weight"].shape[0])
+        return CheckpointSource(p, "hf", p, step=None, config_hash=_hash_text((p / "config.json").read_text()))
+    if p.is_dir() and p.name.startswith("step_"):
+        return _dcp_source(p)
+    if p.is_dir() and p.name == "checkpoints" and latest_checkpoint(p) is not None:
+        return _dcp_source(latest_checkpoint(p))
+    if p.is_dir() and not (p / _HF_WEIGHTS).is_file():
+        latest = latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise CheckpointLoadError(
+                f"{p} is neither a Hugging Face SiglipModel dir (config.json) nor a sigscale run dir "
+                "(model.safetensors or checkpoints/step_*); point at one of those or at a weights file")
+        return _dcp_source(latest)
+    weights = p / _HF_WEIGHTS if p.is_dir() else p
+    if weights.suffix == ".safetensors":
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:
+            cfg = config_from_yaml(meta["config"], source=str(weights))
+            return CheckpointSource(p, "safetensors", weights, cfg, cfg.train.steps,
+                                    meta.get("config_hash") or config_hash(cfg))
+    return CheckpointSource(p, "open_clip", weights)
+
+
+def _load_dcp(src: CheckpointSource) -> SiglipModel:
+    """Gather a sharded DCP checkpoint into a full model on this process alone (any saving world size)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(src.weights))
+    meta = reader.read_metadata().state_dict_metadata
+    key = "model.text.token_embedding.weight"
+    if key not in meta:
+        raise CheckpointLoadError(f"{src.weights} has no {key}: not a sigscale training checkpoint")
+    # The text vocabulary followed the tokenizer at training time, not necessarily model.text.vocab_size.
+    model = create_model(src.experiment.model, text_vocab_size=meta[key].size[0])
+    state = {"model": model.state_dict()}
+    dcp.load(state, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    return model
+
+
+def load_model(path: PathLike, model_config: Union[str, ModelConfig, None] = None) -> SiglipModel:
+    """Load any checkpoint the CLI accepts, as a plain full model on the CPU.
+
+    A Hugging Face SiglipModel dir; a sigscale run dir (model.safetensors, else its latest training
+    checkpoint); a training checkpoint ``run/checkpoints/step_XXXXXXXX`` (sharded DCP, read with the
+    run's config.yaml); or an open_clip state dict (.safetensors/.pt/.bin), which needs ``model_config``.
+    """
+    src = path if isinstance(path, CheckpointSource) else resolve_checkpoint(path)
+    if src.kind == "hf":
+        return import_hf(src.weights)
+    if src.kind == "dcp":
+        return _load_dcp(src)
+    if src.kind == "open_clip":
+        if model_config is None:
+            raise CheckpointLoadError(
+                f"{src.weights} carries no sigscale config: for open_clip weights pass the model config "
+                "(--model PRESET or an experiment YAML), e.g. --model b16_224")
+        return import_open_clip(src.weights, model_config)
+    state = load_file(str(src.weights))
+    model = create_model(src.experiment.model, device="meta",
+                         text_vocab_size=state["text.token_embedding.weight"].shape[0])
     model.load_state_dict(state, assign=True)
     return model

@@ -10,13 +10,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
 
 from sigscale.pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -24,7 +23,8 @@ from sigscale.pretrain.config import ExperimentConfig, check_world_size, config_
 from sigscale.pretrain.data import DataPosition, make_loader
 from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
 from sigscale.pretrain.optim import build_optimizer, build_schedule
-from sigscale.pretrain.sharding import DistInfo, init_distributed, parallelize
+from sigscale.pretrain.sharding import (DistInfo, backward, deepspeed_engine, full_state_dict, gradient_sync,
+                                       init_distributed, optimizer_step, parallelize, uses_deepspeed)
 from sigscale.pretrain.tokenizer import Tokenizer
 from sigscale.pretrain.towers import create_model, tower_flops_per_sample
 
@@ -50,6 +50,62 @@ def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> tor
     # skip-then-stop policy in train() rather than raised from inside the loss.
     return chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
                                 validate=False)
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # this rank's share; the mean over ranks is the global-batch loss
+    t: float  # temperature exp(t') and bias b, read before the update
+    b: float
+    grad_norm: float = float("nan")
+    finite: bool = True
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]],
+               cfg: ExperimentConfig, info: DistInfo) -> StepStats:
+    """One optimizer step on the global contrastive batch made of this rank's ``micro_batches``.
+
+    With one micro-batch: forward, loss, backward. With k > 1 (embedding-cache accumulation, as in
+    GradCache, Gao et al. 2021): embed all k micro-batches without keeping activations, run the loss
+    over the whole contrastive batch to get d loss / d embedding, then re-run the towers one
+    micro-batch at a time and backpropagate those embedding gradients. The gradient equals the
+    full-batch gradient; activation memory is that of one micro-batch.
+    """
+    if len(micro_batches) == 1:
+        img, txt, scale, bias = model(*micro_batches[0])
+        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+        # Read now: FSDP frees the unsharded t', b once backward is done with them.
+        stats = StepStats(loss.detach().clone(), scale.item(), bias.item(), finite=_all_finite(loss, info))
+        if not stats.finite:
+            return stats
+        backward(model, loss)
+    else:
+        with torch.no_grad():
+            cached = [model(pixels, tokens) for pixels, tokens in micro_batches]
+        img = torch.cat([c[0] for c in cached]).requires_grad_()
+        txt = torch.cat([c[1] for c in cached]).requires_grad_()
+        scale = cached[0][2].detach().clone().requires_grad_()
+        bias = cached[0][3].detach().clone().requires_grad_()
+        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+        stats = StepStats(loss.detach().clone(), scale.item(), bias.item(), finite=_all_finite(loss, info))
+        if not stats.finite:
+            return stats
+        loss.backward()  # gradients w.r.t. the cached embeddings, t and b only
+        start = 0
+        for j, (pixels, tokens) in enumerate(micro_batches):
+            rows = slice(start, start + pixels.shape[0])
+            start = rows.stop
+            last = j == len(micro_batches) - 1
+            with gradient_sync(model, enabled=last):
+                i_j, t_j, s_j, b_j = model(pixels, tokens)
+                surrogate = (i_j * img.grad[rows]).sum() + (t_j * txt.grad[rows]).sum()
+                # t and b enter the loss once. They take part in every pass (with zero weight before the
+                # last) so that DDP and ZeRO see the same parameters receive gradients in each backward.
+                weight = 1.0 if last else 0.0
+                surrogate = surrogate + weight * ((s_j * scale.grad).sum() + (b_j * bias.grad).sum())
+                backward(model, surrogate)
+    stats.grad_norm = optimizer_step(model, opt, cfg.train.grad_clip)
+    return stats
 
 
 def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
@@ -94,6 +150,8 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     model = parallelize(model, cfg.train, info)
     opt = build_optimizer(model, cfg.train)
     sched = build_schedule(opt, cfg.train)
+    if uses_deepspeed(cfg.train, info):
+        model = deepspeed_engine(model, opt, cfg.train, info, micro)
     ckpt_dir = run_dir / "checkpoints"
     start_step, position, data_seed = 0, DataPosition.start(cfg.data.num_workers), cfg.data.seed + cfg.train.seed
     resume_from = latest_checkpoint(ckpt_dir) if resume else None
@@ -139,14 +197,16 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
                 checkpoint(step)
             result.stopped_early = True
             break
-        batch = next(data)
-        position.advance(batch)
-        skipped.update(batch["skipped"])
-        img, txt, scale, bias = model(batch["pixels"].to(info.device), batch["tokens"].to(info.device))
-        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        if not _all_finite(loss, info):
+        micro_batches = []
+        for _ in range(cfg.train.accum_steps):
+            batch = next(data)
+            position.advance(batch)
+            skipped.update(batch["skipped"])
+            micro_batches.append((batch["pixels"].to(info.device), batch["tokens"].to(info.device)))
+        stats = train_step(model, opt, micro_batches, cfg, info)
+        if not stats.finite:
             bad_steps += 1
-            warnings.warn(f"step {step}: non-finite loss {loss.item()}, step skipped ({bad_steps} in a row)")
+            warnings.warn(f"step {step}: non-finite loss {stats.loss.item()}, step skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{bad_steps} consecutive non-finite losses up to step {step}; lower train.lr, check the "
@@ -155,15 +215,8 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             opt.zero_grad(set_to_none=True)
             continue
         bad_steps = 0
-        # Copies taken now: FSDP frees the unsharded t', b once backward is done with them.
-        t_log, b_log = scale.detach().float().clone(), bias.detach().float().clone()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        # Each rank's loss is its share; the mean over ranks is the global-batch loss.
-        global_loss = loss.detach().clone()
+        global_loss = stats.loss
         if info.world_size > 1:
             dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
         result.losses.append(global_loss.item())
@@ -172,8 +225,8 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             images_per_s = cfg.train.batch_size * (1 if step == 0 else cfg.train.log_every) / (now - t_last)
             t_last = now
             record = {
-                "step": step, "loss": result.losses[-1], "t": math.exp(t_log.item()), "b": b_log.item(), "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm), "images_per_s": images_per_s,
+                "step": step, "loss": result.losses[-1], "t": stats.t, "b": stats.b, "lr": sched.get_last_lr()[0],
+                "grad_norm": stats.grad_norm, "images_per_s": images_per_s,
                 "tflops_per_s": images_per_s * 3 * (flops["vision"] + flops["text"]) / 1e12,
                 "skipped": dict(skipped),
             }
@@ -200,7 +253,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             tb.close()
         return result
     # Full (unsharded) weights for evaluation and export: every rank takes part in the gather.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_state_dict(model)
     if info.is_main:
         metrics.close()
         tb.close()

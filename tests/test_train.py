@@ -37,15 +37,30 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_ranks_reproduce_one_process(tmp_path, reference, strategy):
+@pytest.mark.parametrize("strategy,accum,zero_stage", [
+    ("fsdp", 1, 3), ("ddp", 1, 3),
+    ("deepspeed", 1, 1), ("deepspeed", 1, 2), ("deepspeed", 1, 3),
+    # embedding-cache accumulation: 24 = 2 ranks x 3 micro-batches x 4, same global contrastive batch
+    ("fsdp", 3, 3), ("ddp", 3, 3), ("deepspeed", 3, 3),
+])
+def test_two_ranks_reproduce_one_process(tmp_path, reference, strategy, accum, zero_stage):
+    """Sharded runs, with and without accumulation, follow the one-process full-batch curve: equal
+    losses over several updates and equal gradient norms mean equal full-batch gradients."""
     out = tmp_path / f"{strategy}.json"
-    run_ranks(2, str(out), strategy, "0", "0")
+    run_ranks(2, str(out), strategy, "0", "0", "4", str(accum), str(zero_stage))
     got = json.loads(out.read_text())
     assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
     assert got["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
     # it did learn something: not a constant curve
     assert len(set(round(x, 5) for x in got["losses"])) > 1
+
+
+def test_one_process_accumulation_equals_full_batch(tmp_path, reference):
+    out = tmp_path / "accum.json"
+    run_ranks(1, str(out), "single", "0", "0", "4", "3")
+    got = json.loads(out.read_text())
+    assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
+    assert got["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
 
 
 @pytest.mark.multiproc
@@ -96,9 +111,9 @@ def test_single_process_run_learns_logs_and_keeps_last_checkpoints(tmp_path, dat
     assert tb_loss == pytest.approx(losses, rel=1e-6)
 
 
-def cli_train(data, out_dir, steps, ckpt_every, nproc=1):
+def cli_train(data, out_dir, steps, ckpt_every, nproc=1, extra=()):
     cmd = [sys.executable, "-m", "sigscale.cli", "train", "--config", "tiny", "--nproc", str(nproc),
-           *overrides(data, out_dir, steps, ckpt_every)]
+           *overrides(data, out_dir, steps, ckpt_every, extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
 
@@ -178,3 +193,36 @@ def test_stop_request_checkpoints_and_resume_continues_the_same_run(tmp_path, da
     assert not second.stopped_early and second.final_weights.is_file()
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == list(range(8))
     assert metric_losses(tmp_path / "run") == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.multiproc
+def test_deepspeed_zero3_run_resumes_exactly_and_refuses_another_strategy(tmp_path, data):
+    """A ZeRO-3 run through the CLI writes its shards in the atomic layout; resuming from the middle
+    checkpoint redoes the same steps with the same losses (optimizer state restored exactly)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    ds = ["train.strategy=deepspeed", "train.zero_stage=3", "train.precision=fp32", "train.keep_last=3"]
+    first = cli_train(data, run, 8, 4, nproc=2, extra=ds)
+    out = first.stdout.read()
+    assert first.wait(timeout=300) == 0, out[-3000:]
+    losses = metric_losses(run)
+    assert len(losses) == 8
+    assert sorted((run / "checkpoints" / "step_00000004" / "deepspeed").iterdir())  # DeepSpeed's own files
+    full = load_file(str(run / "model.safetensors"))
+    assert full["text.token_embedding.weight"].shape[0] > 0 and not any(v.numel() == 0 for v in full.values())
+
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    again = cli_train(data, run, 8, 4, nproc=2, extra=ds)
+    out = again.stdout.read()
+    assert again.wait(timeout=300) == 0, out[-3000:]
+    assert "resumed from" in out
+    assert metric_losses(run) == pytest.approx(losses, rel=1e-5, abs=1e-6)
+
+    # One process cannot run DeepSpeed: the checkpoint says who wrote it and what to do.
+    single = cli_train(data, run, 12, 4, nproc=1, extra=ds)
+    out = single.stdout.read()
+    assert single.wait(timeout=300) == 2, out[-3000:]
+    assert "written by DeepSpeed" in out and "resume with the strategy that wrote it" in out
