@@ -101,6 +101,12 @@ class GradCheckpointConfig:
 
 
 @dataclass
+class TowerMult:
+    vision: float = 1.0
+    text: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 32768  # global contrastive batch
     accum_steps: int = 1  # embedding-cache accumulation: micro = batch / (world * accum)
@@ -126,6 +132,13 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite_steps: int = 5
     out_dir: str = "runs/default"
+    # Fine-tuning and locked-image tuning (SigLIP paper §4, LiT: Zhai et al. 2022).
+    init_from: str = ""  # sigscale run dir, HF SiglipModel dir or open_clip state dict
+    init_towers: List[str] = field(default_factory=lambda: ["vision", "text"])  # taken from init_from
+    freeze: List[str] = field(default_factory=list)  # towers kept fixed, e.g. ["vision"] for SigLiT
+    lr_mult: TowerMult = field(default_factory=TowerMult)  # per-tower learning-rate multiplier
+    # Paper §4: weight decay on pretrained weights hurts fine-tuning; off unless asked for.
+    pretrained_weight_decay: bool = False
 
 
 @dataclass
@@ -151,6 +164,7 @@ STRATEGIES = ("fsdp", "deepspeed", "ddp", "single")
 PRECISIONS = ("bf16", "fp32")
 LOSSES = ("sigmoid", "softmax")
 ACTS = ("gelu", "gelu_tanh")
+TOWERS = ("vision", "text")
 
 
 def _resolve_part(name: str, base_dir: Path) -> Path:
@@ -298,6 +312,20 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     if t.loss_chunk_size is not None and t.loss_chunk_size <= 0:
         raise ConfigError(f"train.loss_chunk_size={t.loss_chunk_size} must be positive or null")
+    for key in ("init_towers", "freeze"):
+        for tower in getattr(t, key):
+            _choice(tower, TOWERS, f"train.{key}[]")
+    for tower in t.freeze:
+        if not t.init_from or tower not in t.init_towers:
+            raise ConfigError(
+                f"train.freeze lists {tower!r} but that tower is not loaded from train.init_from; freezing random "
+                "weights trains nothing: set train.init_from (and train.init_towers) or drop it from train.freeze"
+            )
+    if set(t.freeze) >= set(TOWERS):
+        raise ConfigError("train.freeze holds both towers: nothing would train; freeze at most one")
+    for tower in TOWERS:
+        if getattr(t.lr_mult, tower) < 0:
+            raise ConfigError(f"train.lr_mult.{tower}={getattr(t.lr_mult, tower)} must be >= 0 (use train.freeze to fix a tower)")
 
 
 def check_world_size(cfg: ExperimentConfig, world_size: int) -> int:

@@ -1,7 +1,6 @@
 """The training loop. One step reads top to bottom: data → towers → loss → backward → step → log."""
 from __future__ import annotations
 
-from sigscale.errors import SigscaleError
 import json
 import math
 import sys
@@ -10,23 +9,25 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
+from sigscale.errors import SigscaleError
 from sigscale.pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sigscale.pretrain.config import ExperimentConfig, check_world_size, config_hash, to_yaml
+from sigscale.pretrain.config import ConfigError, ExperimentConfig, TrainConfig, check_world_size, config_hash, to_yaml
 from sigscale.pretrain.data import DataPosition, make_loader
 from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
-from sigscale.pretrain.optim import build_optimizer, build_schedule
+from sigscale.pretrain.optim import build_optimizer, build_schedule, tower_of
 from sigscale.pretrain.sharding import (DistInfo, backward, deepspeed_engine, full_state_dict, gradient_sync,
                                        init_distributed, optimizer_step, parallelize, uses_deepspeed)
 from sigscale.pretrain.tokenizer import Tokenizer
-from sigscale.pretrain.towers import create_model, tower_flops_per_sample
+from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config, tower_flops_per_sample
 
 
 class NonFiniteLossError(SigscaleError, RuntimeError):
@@ -130,6 +131,64 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
         path.write_text("".join(l + "\n" for l in keep))
 
 
+def load_pretrained(model: SiglipModel, cfg: TrainConfig) -> Set[str]:
+    """Copy the towers named in ``train.init_towers`` from ``train.init_from``; return the names copied.
+
+    t' and b come along only when both towers do: a new tower pair needs a fresh temperature and bias.
+    """
+    from sigscale.pretrain.interop import load_model
+
+    source = load_model(cfg.init_from).state_dict()
+    towers = set(cfg.init_towers) | ({"head"} if set(cfg.init_towers) >= {"vision", "text"} else set())
+    copied = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if tower_of(name) not in towers:
+                continue
+            if name not in source or source[name].shape != param.shape:
+                have = tuple(source[name].shape) if name in source else "missing"
+                raise ConfigError(
+                    f"train.init_from={cfg.init_from}: {name} is {have} there but {tuple(param.shape)} here; "
+                    "use the same model preset as the checkpoint (and its tokenizer, for the text tower), "
+                    "or leave that tower out of train.init_towers"
+                )
+            param.copy_(source[name])
+            copied.add(name)
+    return copied
+
+
+def build_model(cfg: ExperimentConfig, info: DistInfo, vocab_size: int) -> Tuple[torch.nn.Module, Set[str]]:
+    """Towers → pretrained weights → frozen towers → sharding; returns the model and the pretrained names.
+
+    Under FSDP on several ranks only rank 0 ever holds the full weights, and on the host: every rank
+    builds the towers on the meta device, shards them, allocates its shard, and receives its slice of
+    rank 0's initialisation. Every rank then starts from exactly what one process would build.
+    """
+    torch.manual_seed(cfg.train.seed)
+    meta = cfg.train.strategy == "fsdp" and info.world_size > 1
+    full, pretrained = {}, set()
+    if not meta or info.is_main:
+        model = create_model(cfg.model, text_vocab_size=vocab_size)
+        if cfg.train.init_from:
+            pretrained = load_pretrained(model, cfg.train)
+        full = model.state_dict()
+    if meta:
+        model = create_model(cfg.model, device="meta", text_vocab_size=vocab_size)
+    for name, param in model.named_parameters():
+        param.requires_grad_(tower_of(name) not in cfg.train.freeze)
+    if meta and info.world_size > 1:
+        # Every rank needs the same set of pretrained names for its optimizer groups.
+        names = [sorted(pretrained)]
+        dist.broadcast_object_list(names, src=0)
+        pretrained = set(names[0])
+    model = parallelize(model, cfg.train, info)
+    if meta:
+        model.to_empty(device=info.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    torch.manual_seed(cfg.train.seed + 1)  # ranks consumed different amounts of randomness above
+    return model, pretrained
+
+
 def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True,
           should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
     """Train from ``cfg`` on this process's rank, resuming from the run's latest checkpoint if any.
@@ -140,15 +199,13 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     """
     info = info or init_distributed()
     micro = check_world_size(cfg, info.world_size)
-    torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir)
     tokenizer = Tokenizer(cfg.tokenizer.model, cfg.tokenizer.context_length, cfg.tokenizer.pad_id,
                           cfg.tokenizer.canonicalize)
-    # The text vocabulary follows the tokenizer; the same seed gives every rank the same init.
-    model = create_model(cfg.model, text_vocab_size=tokenizer.vocab_size)
-    flops = tower_flops_per_sample(model.cfg)
-    model = parallelize(model, cfg.train, info)
-    opt = build_optimizer(model, cfg.train)
+    # The text vocabulary follows the tokenizer.
+    model, pretrained = build_model(cfg, info, tokenizer.vocab_size)
+    flops = tower_flops_per_sample(resolve_model_config(cfg.model, text_vocab_size=tokenizer.vocab_size))
+    opt = build_optimizer(model, cfg.train, pretrained)
     sched = build_schedule(opt, cfg.train)
     if uses_deepspeed(cfg.train, info):
         model = deepspeed_engine(model, opt, cfg.train, info, micro)

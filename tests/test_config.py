@@ -88,3 +88,14 @@ def test_missing_file_and_bad_compose(tmp_path):
 def test_config_hash_changes_with_content():
     a, b = load_config("tiny"), load_config("tiny", ["train.lr=0.002"])
     assert config_hash(a) == config_hash(load_config("tiny")) and config_hash(a) != config_hash(b)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.freeze=[vision]"], "freezing random weights trains nothing"),
+    (["train.init_from=x", "train.freeze=[vision,text]"], "nothing would train"),
+    (["train.init_from=x", "train.freeze=[image]"], "train.freeze\\[\\]='image' is not one of"),
+    (["train.lr_mult.text=-1"], "must be >= 0"),
+])
+def test_fine_tuning_options_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

@@ -226,3 +226,48 @@ def test_deepspeed_zero3_run_resumes_exactly_and_refuses_another_strategy(tmp_pa
     out = single.stdout.read()
     assert single.wait(timeout=300) == 2, out[-3000:]
     assert "written by DeepSpeed" in out and "resume with the strategy that wrote it" in out
+
+
+def test_locked_image_tuning_keeps_the_pretrained_tower_fixed(tmp_path, data):
+    """SigLiT / fine-tuning (paper §4): towers from a checkpoint, the image tower frozen, a per-tower
+    lr multiplier and no weight decay on pretrained weights."""
+    from safetensors.torch import load_file
+
+    from sigscale.pretrain.optim import param_groups
+    from sigscale.pretrain.towers import create_model
+
+    base = train(load_config("tiny", overrides(data, tmp_path / "base", 3, 100)))
+    lit = load_config("tiny", overrides(data, tmp_path / "lit", 4, 100, [
+        f"train.init_from={tmp_path / 'base'}", "train.freeze=[vision]", "train.lr_mult.text=0.5"]))
+    train(lit)
+    before, after = load_file(str(base.final_weights)), load_file(str(tmp_path / "lit" / "model.safetensors"))
+    for name in before:
+        same = bool((before[name] == after[name]).all())
+        if name.startswith("visual."):
+            assert same, f"{name} moved although the vision tower is frozen"
+    assert not all(bool((before[n] == after[n]).all()) for n in before if n.startswith("text."))
+
+    # the optimizer groups behind it: no vision params; text at half lr, no decay on loaded weights
+    model = create_model(lit.model, text_vocab_size=before["text.token_embedding.weight"].shape[0])
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("visual."))
+    pretrained = {n for n, _ in model.named_parameters() if n.startswith("text.")}
+    groups = {g["name"]: g for g in param_groups(model, lit.train, pretrained)}
+    assert set(groups) == {"text/no_decay", "head/no_decay"}
+    assert groups["text/no_decay"]["lr"] == pytest.approx(0.5 * lit.train.lr)
+    assert all(g["weight_decay"] == 0.0 for g in groups.values())
+    # from scratch, decayed weights get wd/lr so that torch's lr*wd_torch equals big_vision's wd
+    fresh = {g["name"]: g for g in param_groups(model, lit.train)}
+    assert fresh["text/decay"]["weight_decay"] * fresh["text/decay"]["lr"] == pytest.approx(lit.train.weight_decay)
+
+
+def test_init_from_a_checkpoint_with_another_vocabulary_names_the_parameter(tmp_path, data):
+    from sigscale.pretrain.config import ConfigError
+
+    base = tmp_path / "base"
+    train(load_config("tiny", overrides(data, base, 2, 100)))
+    shards, _ = data
+    other_tok = train_tokenizer([r["txt"] for r in shard_records(400, seed=9)], tmp_path / "t.model", vocab_size=450)
+    cfg = load_config("tiny", overrides((shards, other_tok), tmp_path / "ft", 2, 100, [f"train.init_from={base}"]))
+    with pytest.raises(ConfigError, match=r"text.token_embedding.weight .* use the same model preset"):
+        train(cfg)
