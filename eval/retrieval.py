@@ -1,9 +1,15 @@
-"""Recall@k for image-text retrieval, with several captions per image."""
+"""Recall@k for image-text retrieval (several captions per image), and retrieval on webdataset splits."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence
 
 import torch
+import torch.nn as nn
+
+from sigscale.eval.embed import embed_images, embed_texts, eval_mode
+from sigscale.eval.sources import EvalDataError, shard_samples
+from sigscale.pretrain.tokenizer import Tokenizer
 
 
 def recall_at_k(img: torch.Tensor, txt: torch.Tensor, txt_image: torch.Tensor,
@@ -39,4 +45,43 @@ def recall_at_k(img: torch.Tensor, txt: torch.Tensor, txt_image: torch.Tensor,
     for k in ks:
         out[f"i2t_r@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
         out[f"t2i_r@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    return out
+
+
+def evaluate_shard_retrieval(model: nn.Module, tokenizer: Tokenizer, shards: Path, batch_size: int = 256,
+                             rank: int = 0, world: int = 1, max_samples: int = 0) -> Dict:
+    """Recall@k on a webdataset split (one image and one caption per sample): all samples, and per language.
+
+    A language's recall is measured within that language's pairs (its images are the gallery), so
+    its chance level is 1/n_language. ``max_samples`` > 0 keeps the first samples only (periodic
+    eval during training). The metrics on rank 0, {} on the other ranks.
+    """
+    captions: List[str] = []
+    langs: List[str] = []
+
+    def images() -> Iterator[bytes]:
+        for n, sample in enumerate(shard_samples(shards)):
+            if max_samples and n >= max_samples:
+                return
+            if not sample["txt"]:
+                raise EvalDataError(f"sample {sample['key']!r} in {sample['url']} has no caption (.txt); "
+                                    "retrieval needs one per sample")
+            captions.append(sample["txt"])
+            langs.append(str(sample["json"].get("language", "und")))
+            yield sample["image"]
+
+    with eval_mode(model):
+        img = embed_images(model, images(), batch_size, rank, world)  # fills captions/langs as it reads
+        if not captions:
+            raise EvalDataError(f"the shards at {shards} hold no samples")
+        txt = embed_texts(model, tokenizer, captions, 4 * batch_size, rank, world)
+    if rank != 0:
+        return {}
+    n = len(captions)
+    out = {"protocol": "one caption per image; recall@k over all pairs and within each language's pairs",
+           "images": n, "all": recall_at_k(img, txt, torch.arange(n)), "chance_r@1": 100.0 / n, "languages": {}}
+    for lang in sorted(set(langs)):
+        idx = torch.tensor([i for i, l in enumerate(langs) if l == lang])
+        res = recall_at_k(img[idx], txt[idx], torch.arange(len(idx)))
+        out["languages"][lang] = {**res, "pairs": len(idx), "chance_r@1": 100.0 / len(idx)}
     return out

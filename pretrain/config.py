@@ -143,10 +143,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    benchmarks: List[str] = field(default_factory=list)
-    every_steps: int = 0  # 0: only at the end
+    """Benchmarks run by ``sigscale eval`` and, every ``every_steps``, by the training loop."""
+    benchmarks: List[str] = field(default_factory=list)  # imagenet | zeroshot | xm3600 | retrieval
+    every_steps: int = 0  # training only; 0: at the end of training only (when benchmarks are set)
+    # ImageNet val: synset folders (n01440764/...) or webdataset shards with a class per sample.
     imagenet_dir: str = ""
-    xm3600_dir: str = ""
+    # Any classification folder (or shards) with classnames.txt, for the "zeroshot" benchmark.
+    classification_dir: str = ""
+    classnames: str = ""  # class-names file for classification_dir when it has no classnames.txt
+    xm3600_dir: str = ""  # captions.jsonl + images/<key>.jpg, as distributed
+    xm3600_languages: List[str] = field(default_factory=list)  # empty: every language in the file
+    first_caption_only: bool = False  # CLIP_benchmark's XM3600 protocol instead of the SigLIP paper's
+    retrieval_shards: str = ""  # a webdataset split (e.g. held-out curated shards)
+    retrieval_max_samples: int = 0  # 0: all samples
     batch_size: int = 256
 
 

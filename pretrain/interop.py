@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -434,7 +435,9 @@ def _load_dcp(src: CheckpointSource) -> SiglipModel:
     # The text vocabulary followed the tokenizer at training time, not necessarily model.text.vocab_size.
     model = create_model(src.experiment.model, text_vocab_size=meta[key].size[0])
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    with warnings.catch_warnings():  # loading on one process is the intent here, not an accident
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)  # fills the tensors in place
     return model
 
 
@@ -446,18 +449,35 @@ def load_model(path: PathLike, model_config: Union[str, ModelConfig, None] = Non
     run's config.yaml); or an open_clip state dict (.safetensors/.pt/.bin), which needs ``model_config``.
     """
     src = path if isinstance(path, CheckpointSource) else resolve_checkpoint(path)
-    if src.kind == "hf":
-        return import_hf(src.weights)
-    if src.kind == "dcp":
-        return _load_dcp(src)
-    if src.kind == "open_clip":
-        if model_config is None:
-            raise CheckpointLoadError(
-                f"{src.weights} carries no sigscale config: for open_clip weights pass the model config "
-                "(--model PRESET or an experiment YAML), e.g. --model b16_224")
-        return import_open_clip(src.weights, model_config)
+    try:
+        if src.kind == "hf":
+            return import_hf(src.weights)
+        if src.kind == "dcp":
+            return _load_dcp(src)
+        if src.kind == "open_clip":
+            return _load_open_clip(src, model_config)
+    except CheckpointLoadError:
+        raise
+    except ValueError as e:  # the importers' messages already name the file, the keys and the fix
+        raise CheckpointLoadError(str(e)) from e
     state = load_file(str(src.weights))
     model = create_model(src.experiment.model, device="meta",
                          text_vocab_size=state["text.token_embedding.weight"].shape[0])
     model.load_state_dict(state, assign=True)
     return model
+
+
+def _load_open_clip(src: CheckpointSource, model_config: Union[str, ModelConfig, None]) -> SiglipModel:
+    """open_clip weights with the given tower shapes; the text vocabulary is read from the weights."""
+    if model_config is None:
+        raise CheckpointLoadError(
+            f"{src.weights} carries no sigscale config: for open_clip weights pass the model config "
+            "(--model PRESET or an experiment YAML), e.g. --model b16_224")
+    state = _read_state_dict(src.weights)
+    if isinstance(state.get("state_dict"), Mapping):
+        state = dict(state["state_dict"])
+    emb = next((v for k, v in state.items() if k.endswith("text.token_embedding.weight")), None)
+    cfg = resolve_model_config(model_config)
+    if emb is not None:
+        cfg = resolve_model_config(cfg, text_vocab_size=emb.shape[0])
+    return import_open_clip(state, cfg)

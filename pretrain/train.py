@@ -125,7 +125,7 @@ def _any_rank(flag: bool, info: DistInfo) -> bool:
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop metric lines of steps a resumed run will redo, so the file never repeats a step."""
+    """Drop lines of steps a resumed run will redo (metrics, evals), so no file repeats a step."""
     if path.is_file():
         keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start_step]
         path.write_text("".join(l + "\n" for l in keep))
@@ -199,6 +199,10 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     """
     info = info or init_distributed()
     micro = check_world_size(cfg, info.world_size)
+    if cfg.eval.benchmarks:  # a typo in a benchmark must not wait for the first eval to surface
+        from sigscale.eval.config import validate_benchmarks
+
+        validate_benchmarks(cfg.eval)
     run_dir = Path(cfg.train.out_dir)
     tokenizer = Tokenizer(cfg.tokenizer.model, cfg.tokenizer.context_length, cfg.tokenizer.pad_id,
                           cfg.tokenizer.canonicalize)
@@ -232,6 +236,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        _truncate_metrics(run_dir / "eval.jsonl", start_step + 1)
     metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
     tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step) if info.is_main else None
     result = TrainResult(run_dir)
@@ -241,6 +246,22 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     # A progress bar with ETA on an interactive terminal; plain log lines otherwise (Slurm logs, CI).
     bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True) \
         if info.is_main and sys.stdout.isatty() else None
+    def maybe_evaluate(done: int) -> None:
+        every = cfg.eval.every_steps
+        if not cfg.eval.benchmarks or not (done == cfg.train.steps or (every and done % every == 0)):
+            return
+        from sigscale.eval.report import headline
+        from sigscale.eval.run import evaluate
+
+        results = evaluate(model, tokenizer, cfg.eval, info.rank, info.world_size)  # collective
+        if info.is_main:
+            with open(run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, "eval": results}) + "\n")
+            for name, value in headline({"benchmarks": results}).items():
+                tb.add_scalar(f"eval/{name.replace(' ', '/')}", value, done)
+            line = "  ".join(f"{k} {v:.1f}" for k, v in headline({"benchmarks": results}).items())
+            bar.write(f"eval @ {done}: {line}") if bar else print(f"eval @ {done}: {line}", flush=True)
+
     def checkpoint(done: int) -> None:
         save_checkpoint(ckpt_dir, done, model, opt,
                         shared={"step": done, "schedule": sched.state_dict()},
@@ -299,6 +320,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
         done = step + 1
+        maybe_evaluate(done)  # before the checkpoint: a run killed in between redoes the step and its eval
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
             checkpoint(done)
     if bar:

@@ -271,3 +271,37 @@ def test_init_from_a_checkpoint_with_another_vocabulary_names_the_parameter(tmp_
     cfg = load_config("tiny", overrides((shards, other_tok), tmp_path / "ft", 2, 100, [f"train.init_from={base}"]))
     with pytest.raises(ConfigError, match=r"text.token_embedding.weight .* use the same model preset"):
         train(cfg)
+
+
+def test_periodic_eval_logs_each_eval_step_once_across_a_resume(tmp_path, data):
+    shards, _ = data
+    run = tmp_path / "run"
+    ev = ["eval.benchmarks=[retrieval]", f"eval.retrieval_shards={shards}", "eval.retrieval_max_samples=64",
+          "eval.every_steps=2", "eval.batch_size=32"]
+    train(load_config("tiny", overrides(data, run, 4, 2, ev)))
+    rows = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        recall = r["eval"]["retrieval"]["all"]
+        assert 0 <= recall["i2t_r@1"] <= recall["i2t_r@5"] <= 100
+    # a resumed run that redoes steps 3-4 replaces the step-4 eval instead of repeating it
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    train(load_config("tiny", overrides(data, run, 4, 2, ev)))
+    again = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [2, 4]
+    assert again[1]["eval"]["retrieval"]["all"] == pytest.approx(rows[1]["eval"]["retrieval"]["all"])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert any(tag.startswith("eval/retrieval") for tag in events.Tags()["scalars"])
+
+
+def test_unknown_benchmark_fails_before_training(tmp_path, data):
+    from sigscale.pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown benchmark 'xm360'.*did you mean 'xm3600'"):
+        train(load_config("tiny", overrides(data, tmp_path / "run", 2, 2, ["eval.benchmarks=[xm360]"])))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,113 @@
+"""`sigscale eval` and `sigscale report`: thin shells over sigscale.eval.run and sigscale.eval.report.
+
+Importing this module stays cheap (no torch): the work is imported inside the commands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Callable
+
+# flag -> field of EvalJobConfig ("eval." = its BenchmarkConfig); flags override the YAML.
+_FLAGS = {
+    "checkpoint": "checkpoints", "tokenizer": "tokenizer", "model": "model", "out": "out",
+    "benchmarks": "eval.benchmarks", "imagenet_root": "eval.imagenet_dir",
+    "classification_root": "eval.classification_dir", "classnames": "eval.classnames",
+    "xm3600_root": "eval.xm3600_dir", "xm3600_languages": "eval.xm3600_languages",
+    "first_caption_only": "eval.first_caption_only", "retrieval_shards": "eval.retrieval_shards",
+    "max_samples": "eval.retrieval_max_samples", "batch_size": "eval.batch_size",
+}
+_LISTS = ("benchmarks", "xm3600_languages")
+
+
+def _job(args: argparse.Namespace):
+    from sigscale.eval.config import load_eval_config
+
+    job = load_eval_config(args.config, args.overrides)
+    for flag, field in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            continue
+        if flag in _LISTS:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        target = job.eval if field.startswith("eval.") else job
+        setattr(target, field.split(".")[-1], value)
+    return job
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sigscale.eval.config import validate_job
+
+    job = _job(args)
+    validate_job(job)  # fail here, not in every rank
+    if args.nproc > 1 and "RANK" not in os.environ:
+        # Re-run the resolved job under torchrun: each rank embeds a slice of every set.
+        from pathlib import Path
+
+        from omegaconf import OmegaConf
+
+        Path(job.out).mkdir(parents=True, exist_ok=True)
+        resolved = Path(job.out) / "eval_job.yaml"
+        resolved.write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "sigscale.cli", "eval", "--config", str(resolved), "--title", args.title]
+        return subprocess.call(cmd)
+    from dataclasses import asdict
+
+    import torch.distributed as dist
+
+    from sigscale.eval.report import headline, label, write_report
+    from sigscale.eval.run import evaluate_checkpoints
+    from sigscale.pretrain.sharding import init_distributed
+
+    info = init_distributed()
+    try:
+        records = evaluate_checkpoints(job, info.rank, info.world_size, device=str(info.device))
+        if info.is_main:
+            paths = write_report(records, job.out, title=args.title, job=asdict(job))
+            for r in records:
+                print(label(r) + ": " + ", ".join(f"{k} {v:.2f}" for k, v in headline(r).items()))
+            print(f"report: {paths['html']}  ({paths['json'].name}, {paths['md'].name})")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sigscale.eval.report import compare_reports
+
+    paths = compare_reports(args.reports, args.out, title=args.title)
+    print(f"comparison: {paths['html']}  ({paths['json'].name}, {paths['md'].name})")
+    return 0
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    e = add("eval", cmd_eval, "evaluate checkpoints (ImageNet zero-shot, XM3600, retrieval) and write a report")
+    e.add_argument("--config", help="eval job YAML (path, or a name in configs/eval/); flags below override it")
+    e.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. eval.batch_size=128")
+    e.add_argument("--checkpoint", nargs="+", help="HF SiglipModel dir, sigscale run dir, run/checkpoints/step_N "
+                   "(or run/checkpoints for every step), open_clip weights")
+    e.add_argument("--tokenizer", help="SentencePiece .model (default: the run's, or spiece.model in an HF dir)")
+    e.add_argument("--model", help="model config for open_clip weights: preset name or experiment YAML")
+    e.add_argument("--benchmarks", help="comma-separated: imagenet,zeroshot,xm3600,retrieval")
+    e.add_argument("--out", help="report folder, e.g. reports/NAME")
+    e.add_argument("--imagenet-root", help="ImageNet val: synset folders (n01440764/...) or shards with a class")
+    e.add_argument("--classification-root", help="classification folder (or shards) with classnames.txt")
+    e.add_argument("--classnames", help="class-names file for --classification-root")
+    e.add_argument("--xm3600-root", help="folder with captions.jsonl and images/")
+    e.add_argument("--xm3600-languages", help="comma-separated language codes (default: all in the file)")
+    e.add_argument("--first-caption-only", action="store_true", help="CLIP_benchmark's XM3600 protocol")
+    e.add_argument("--retrieval-shards", help="webdataset split for generic retrieval")
+    e.add_argument("--max-samples", type=int, help="retrieval: first N samples only")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under torchrun the env decides")
+    e.add_argument("--title", default="sigscale evaluation")
+
+    r = add("report", cmd_report, "compare eval reports: `sigscale report compare A B ... --out DIR`")
+    r.add_argument("action", choices=["compare"])
+    r.add_argument("reports", nargs="+", help="report folders (or their report.json)")
+    r.add_argument("--out", required=True, help="folder for compare.{json,md,html}")
+    r.add_argument("--title", default="sigscale comparison")

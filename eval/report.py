@@ -1,0 +1,298 @@
+"""Benchmark reports: JSON (machine-readable), Markdown, and one self-contained HTML page with plots.
+
+``write_report`` turns the records of ``evaluate_checkpoints`` into ``report.json``, ``report.md``
+(+ ``plots/*.png``) and ``report.html`` (the same plots inlined as base64 PNG). ``compare_reports``
+puts the headline numbers of several reports side by side (``sigscale report compare``).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from sigscale import __version__
+from sigscale.eval.sources import EvalDataError
+
+FORMAT = "sigscale-eval-report/1"
+
+
+class ReportError(EvalDataError):
+    """A report file to read or compare is missing or is not a sigscale eval report."""
+
+
+def headline(record: Dict[str, Any]) -> Dict[str, float]:
+    """The few numbers that summarise a checkpoint, keyed "benchmark metric"."""
+    out: Dict[str, float] = {}
+    for name, res in record.get("benchmarks", {}).items():
+        if "top1" in res:
+            out[f"{name} top1"] = res["top1"]
+            out[f"{name} top5"] = res["top5"]
+        elif name == "xm3600" or "mean" in res:
+            for m in ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5"):
+                out[f"{name} {m}"] = res["mean"][m]
+        elif "all" in res:
+            for m in ("i2t_r@1", "t2i_r@1"):
+                out[f"{name} {m}"] = res["all"][m]
+    return out
+
+
+def loss_curve(run_dir: Optional[str]) -> List[Tuple[int, float]]:
+    """(step, loss) pairs from a run's metrics.jsonl; empty when there is none."""
+    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def label(record: Dict[str, Any]) -> str:
+    step = record.get("step")
+    name = record.get("name") or Path(record["checkpoint"]).name
+    return f"{name}@{step}" if step is not None else name
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _figure(width: float = 7.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=100)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _language_bars(per_lang: Dict[str, Dict], title: str) -> bytes:
+    """Per-language I→T and T→I R@1, languages sorted by I→T."""
+    langs = sorted(per_lang, key=lambda l: -per_lang[l]["i2t_r@1"])
+    fig, ax = _figure(max(5.0, 0.28 * len(langs) + 2))
+    x = list(range(len(langs)))
+    ax.bar([i - 0.2 for i in x], [per_lang[l]["i2t_r@1"] for l in langs], 0.4, label="I→T R@1")
+    ax.bar([i + 0.2 for i in x], [per_lang[l]["t2i_r@1"] for l in langs], 0.4, label="T→I R@1")
+    ax.set_xticks(x, langs, rotation=90 if len(langs) > 12 else 0)
+    ax.set_ylabel("recall@1 (%)")
+    ax.set_title(title)
+    ax.legend()
+    return _png(fig)
+
+
+def _i2t_vs_t2i(per_lang: Dict[str, Dict], title: str) -> bytes:
+    fig, ax = _figure(4.2, 4.0)
+    xs = [v["i2t_r@1"] for v in per_lang.values()]
+    ys = [v["t2i_r@1"] for v in per_lang.values()]
+    ax.scatter(xs, ys)
+    for lang, x, y in zip(per_lang, xs, ys):
+        ax.annotate(lang, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    top = max(xs + ys + [1.0]) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("I→T R@1 (%)")
+    ax.set_ylabel("T→I R@1 (%)")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def _curves(records: Sequence[Dict], curve: List[Tuple[int, float]]) -> bytes:
+    """Headline metrics over training steps and, on a second axis, the training loss."""
+    fig, ax = _figure()
+    by_step = {r["step"]: r for r in records if r.get("step") is not None}  # final weights repeat the last step
+    stepped = [by_step[s] for s in sorted(by_step)]
+    for metric in headline(stepped[-1]) if stepped else []:
+        ax.plot([r["step"] for r in stepped], [headline(r).get(metric) for r in stepped], marker="o", label=metric)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("metric (%)")
+    if curve:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in curve], [l for _, l in curve], color="black", lw=0.8, alpha=0.6, label="train loss")
+        ax2.set_ylabel("training loss")
+        ax2.legend(loc="upper center", fontsize=7)
+    if stepped:
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("metrics over training")
+    return _png(fig)
+
+
+def _side_by_side(rows: Sequence[Tuple[str, Dict[str, float]]], title: str) -> bytes:
+    metrics = sorted({m for _, h in rows for m in h})
+    fig, ax = _figure(max(6.0, 0.9 * len(metrics) + 2))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, h) in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(metrics))], [h.get(m, 0.0) for m in metrics], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def report_plots(records: Sequence[Dict], curves: Dict[str, List[Tuple[int, float]]]) -> Dict[str, bytes]:
+    """PNG plots by file stem: per-language bars and I→T vs T→I of the last checkpoint, curves, comparison."""
+    plots: Dict[str, bytes] = {}
+    last = records[-1]
+    for name, res in last.get("benchmarks", {}).items():
+        per_lang = res.get("languages")
+        if per_lang:
+            plots[f"{name}_languages"] = _language_bars(per_lang, f"{name}: recall@1 per language ({label(last)})")
+            plots[f"{name}_i2t_vs_t2i"] = _i2t_vs_t2i(per_lang, f"{name}: I→T vs T→I R@1")
+    curve = next((c for c in curves.values() if c), [])
+    if sum(r.get("step") is not None for r in records) >= 2 or curve:
+        plots["training_curves"] = _curves(records, curve)
+    if len(records) >= 2:
+        plots["checkpoints"] = _side_by_side([(label(r), headline(r)) for r in records], "checkpoints side by side")
+    return plots
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[List[str]]:
+    return [list(header)] + [[_fmt(c) for c in r] for r in rows]
+
+
+def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
+    """(title, rows with header first, note) for the summary and each benchmark of the last checkpoint."""
+    out = []
+    metrics = sorted({m for r in records for m in headline(r)})
+    out.append(("Summary", _table(["checkpoint", "kind", "step", "config hash"] + metrics,
+                                  [[label(r), r.get("kind"), r.get("step"), r.get("config_hash")]
+                                   + [headline(r).get(m, "") for m in metrics] for r in records]), ""))
+    last = records[-1]
+    for name, res in last.get("benchmarks", {}).items():
+        note = res.get("protocol", "")
+        chance = {k: v for k, v in res.items() if k.startswith("chance")}
+        if chance:
+            note += "; chance: " + ", ".join(f"{k[7:]} {v:.2f}%" for k, v in chance.items())
+        if "top1" in res:
+            rows = [[res["images"], res["classes"], res["top1"], res["top5"], res["templates"]]]
+            out.append((f"{name} ({label(last)})", _table(["images", "classes", "top-1", "top-5", "templates"], rows), note))
+        if res.get("languages"):
+            ks = [m for m in next(iter(res["languages"].values())) if "@" in m and not m.startswith("chance")]
+            langs = sorted(res["languages"], key=lambda l: -res["languages"][l]["i2t_r@1"])
+            rows = [[l] + [res["languages"][l][m] for m in ks] for l in langs]
+            if "mean" in res:
+                rows.append(["**mean**"] + [res["mean"][m] for m in ks])
+            if "all" in res:
+                rows.append(["**all pairs**"] + [res["all"][m] for m in ks])
+            out.append((f"{name} per language ({label(last)})", _table(["language"] + ks, rows), note))
+    return out
+
+
+def _markdown(title: str, tables, plot_files: Dict[str, str], intro: str) -> str:
+    lines = [f"# {title}", "", intro, ""]
+    for name, rows, note in tables:
+        lines += [f"## {name}", ""]
+        if note:
+            lines += [f"Protocol: {note}", ""]
+        lines.append("| " + " | ".join(rows[0]) + " |")
+        lines.append("|" + "---|" * len(rows[0]))
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        lines.append("")
+    if plot_files:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plot_files.items()] + [""]
+    return "\n".join(lines)
+
+
+def _html(title: str, tables, plots: Dict[str, bytes], intro: str) -> str:
+    esc = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "th{background:#eee}.note{color:#555;font-size:90%}</style></head><body>",
+             f"<h1>{esc(title)}</h1><p>{esc(intro)}</p>"]
+    for name, rows, note in tables:
+        parts.append(f"<h2>{esc(name)}</h2>")
+        if note:
+            parts.append(f"<p class='note'>Protocol: {esc(note)}</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c.strip('*'))}</td>" for c in r) + "</tr>" for r in rows[1:]]
+        parts.append("</table>")
+    for name, png in plots.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<h3>{esc(name)}</h3><img alt='{esc(name)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _write_pages(out: Path, stem: str, title: str, tables, plots: Dict[str, bytes], intro: str) -> Dict[str, Path]:
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, png in plots.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+        files[name] = f"plots/{name}.png"
+    (out / f"{stem}.md").write_text(_markdown(title, tables, files, intro), encoding="utf-8")
+    (out / f"{stem}.html").write_text(_html(title, tables, plots, intro), encoding="utf-8")
+    return {"md": out / f"{stem}.md", "html": out / f"{stem}.html"}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def write_report(records: List[Dict[str, Any]], out_dir: Path, title: str = "sigscale evaluation",
+                 job: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+    """Write report.json, report.md (+ plots/) and report.html for the records of one eval job."""
+    if not records:
+        raise ReportError("no evaluation records to report; evaluate at least one checkpoint")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {r["run_dir"]: loss_curve(r["run_dir"]) for r in records if r.get("run_dir")}
+    doc = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sigscale_version": __version__,
+           "title": title, "job": job or {}, "records": records, "loss_curves": {k: v for k, v in curves.items() if v}}
+    (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    intro = (f"{len(records)} checkpoint(s); benchmarks: "
+             f"{', '.join(sorted({b for r in records for b in r.get('benchmarks', {})}))}; generated {doc['created']}.")
+    paths = _write_pages(out, "report", title, _tables(records), report_plots(records, curves), intro)
+    return {"json": out / "report.json", **paths}
+
+
+def read_report(path: Path) -> Dict[str, Any]:
+    """A report.json (or the folder holding one), checked to be a sigscale eval report."""
+    p = Path(path)
+    p = p / "report.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ReportError(f"{p} not found; pass a folder written by `sigscale eval --out` or its report.json")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{p} is not valid JSON ({e}); re-run `sigscale eval`") from e
+    if doc.get("format") != FORMAT:
+        raise ReportError(f"{p} has format {doc.get('format')!r}, expected {FORMAT!r}; it was not written by sigscale eval")
+    return doc
+
+
+def compare_reports(paths: Sequence[Path], out_dir: Path, title: str = "sigscale comparison") -> Dict[str, Path]:
+    """A comparison table (and bar chart) of the headline numbers of every checkpoint in several reports."""
+    if len(paths) < 1:
+        raise ReportError("give at least one report to compare")
+    records = []
+    for p in paths:
+        for r in read_report(p)["records"]:
+            records.append({**r, "report": str(p)})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = sorted({m for r in records for m in headline(r)})
+    rows = _table(["checkpoint", "report", "step", "config hash"] + metrics,
+                  [[label(r), r["report"], r.get("step"), r.get("config_hash")]
+                   + [headline(r).get(m, "") for m in metrics] for r in records])
+    protocols = sorted({f"{b}: {res.get('protocol', '')}" for r in records for b, res in r["benchmarks"].items()})
+    tables = [("Headline metrics", rows, " | ".join(protocols))]
+    plots = {"comparison": _side_by_side([(label(r), headline(r)) for r in records], title)}
+    doc = {"format": FORMAT + "+compare", "reports": [str(p) for p in paths], "metrics": metrics,
+           "rows": [{"checkpoint": label(r), "report": r["report"], **headline(r)} for r in records]}
+    (out / "compare.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    intro = f"{len(records)} checkpoint(s) from {len(paths)} report(s)."
+    return {"json": out / "compare.json", **_write_pages(out, "compare", title, tables, plots, intro)}

@@ -1,0 +1,135 @@
+"""Evaluate models on the configured benchmarks: one API for ``sigscale eval`` and the training loop.
+
+``evaluate(model, tokenizer, cfg, rank, world)`` is collective: every rank calls it with the same
+config and its own (plain, DDP, DeepSpeed or FSDP2-sharded) model; each rank embeds a slice of
+every set, and rank 0 returns the metrics (the other ranks get ``{}``). The numbers equal those of
+one process. ``evaluate_checkpoints`` loads checkpoints from disk (any format ``load_model`` reads)
+and evaluates each one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch.nn as nn
+
+from sigscale.eval.config import BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
+from sigscale.eval.embed import eval_model
+from sigscale.eval.retrieval import evaluate_shard_retrieval
+from sigscale.eval.xm3600 import evaluate_xm3600
+from sigscale.eval.zeroshot import evaluate_zeroshot
+from sigscale.pretrain.tokenizer import Tokenizer, TokenizerError
+
+
+def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: BenchmarkConfig, rank: int = 0, world: int = 1) -> Dict[str, Dict]:
+    """Run ``cfg.benchmarks`` on ``model``; rank 0 returns ``{benchmark: metrics}``, other ranks ``{}``.
+
+    Collective over the default process group when ``world`` > 1: every rank must call it.
+    The model's train/eval mode is restored afterwards.
+    """
+    validate_benchmarks(cfg)
+    eval_model(model)  # register FSDP hooks once, before any rank starts encoding
+    bs = cfg.batch_size
+    out: Dict[str, Dict] = {}
+    for name in cfg.benchmarks:
+        t0 = time.perf_counter()
+        if name == "imagenet":
+            res = evaluate_zeroshot(model, tokenizer, Path(cfg.imagenet_dir), None, bs, rank, world)
+        elif name == "zeroshot":
+            res = evaluate_zeroshot(model, tokenizer, Path(cfg.classification_dir), None, bs, rank, world,
+                                    classnames=Path(cfg.classnames) if cfg.classnames else None)
+        elif name == "xm3600":
+            res = evaluate_xm3600(model, tokenizer, Path(cfg.xm3600_dir), cfg.xm3600_languages or None,
+                                  cfg.first_caption_only, bs, rank, world)
+        else:
+            res = evaluate_shard_retrieval(model, tokenizer, Path(cfg.retrieval_shards), bs, rank, world,
+                                           cfg.retrieval_max_samples)
+        if rank == 0:
+            out[name] = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    tokenizer: Tokenizer
+    info: Dict[str, Any]  # checkpoint, kind, step, config_hash, run_dir, tokenizer, model shapes
+
+
+def load_tokenizer(source, model: nn.Module, explicit: str = "") -> Tokenizer:
+    """The checkpoint's tokenizer: ``explicit``, else its run's tokenizer.model, else an HF dir's spiece.model."""
+    ctx = model.cfg.text.context_length
+    exp = source.experiment
+    if explicit:
+        pad, canon = (exp.tokenizer.pad_id, exp.tokenizer.canonicalize) if exp else (1, True)
+        tok = Tokenizer(explicit, ctx, pad, canon)
+    elif exp is not None and exp.tokenizer.model:
+        tok = Tokenizer(exp.tokenizer.model, ctx, exp.tokenizer.pad_id, exp.tokenizer.canonicalize)
+    elif source.kind == "hf" and (source.weights / "spiece.model").is_file():
+        tok = Tokenizer(source.weights / "spiece.model", ctx)
+    else:
+        raise TokenizerError(f"no tokenizer is known for {source.path}; pass --tokenizer PATH.model "
+                             "(the SentencePiece model the checkpoint was trained with)")
+    if tok.vocab_size > model.cfg.text.vocab_size:
+        raise TokenizerError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but {source.path} embeds only "
+                             f"{model.cfg.text.vocab_size}; pass the tokenizer the checkpoint was trained with")
+    return tok
+
+
+def _model_config_arg(model: str):
+    """--model: a preset name, or an experiment YAML whose ``model`` section is used."""
+    if not model:
+        return None
+    if model.endswith((".yaml", ".yml")):
+        from sigscale.pretrain.config import load_config
+
+        return load_config(model).model
+    return model
+
+
+def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> LoadedCheckpoint:
+    """Load a checkpoint and its tokenizer for evaluation (plain model on this process's device)."""
+    from sigscale.pretrain.interop import load_model, resolve_checkpoint
+
+    src = resolve_checkpoint(checkpoint)
+    net = load_model(src, _model_config_arg(model))
+    tok = load_tokenizer(src, net, tokenizer)
+    run_dir = src.weights.parent.parent if src.kind == "dcp" else (
+        src.weights.parent if src.kind == "safetensors" else None)
+    c = net.cfg
+    info = {"checkpoint": str(checkpoint), "kind": src.kind, "step": src.step, "config_hash": src.config_hash,
+            "run_dir": str(run_dir) if run_dir else None, "tokenizer": str(tok.path),
+            "model": f"ViT {c.vision.width}x{c.vision.depth}/{c.vision.patch_size} @{c.vision.image_size}px, "
+                     f"text {c.text.width}x{c.text.depth}, vocab {c.text.vocab_size}",
+            "name": src.experiment.name if src.experiment else Path(checkpoint).name}
+    return LoadedCheckpoint(net, tok, info)
+
+
+def expand_checkpoints(paths: List[str]) -> List[str]:
+    """A run's ``checkpoints`` folder stands for all its complete step checkpoints, oldest first."""
+    from sigscale.pretrain.checkpoint import list_checkpoints
+
+    out: List[str] = []
+    for p in paths:
+        steps = list_checkpoints(Path(p)) if Path(p).name == "checkpoints" else []
+        out += [str(s) for s in steps] if steps else [p]
+    return out
+
+
+def evaluate_checkpoints(job: EvalJobConfig, rank: int = 0, world: int = 1,
+                         device: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Evaluate every checkpoint of ``job``; rank 0 gets one record per checkpoint, the others []."""
+    validate_job(job)
+    records = []
+    for ckpt in expand_checkpoints(job.checkpoints):
+        loaded = load_for_eval(ckpt, job.tokenizer, job.model)
+        model = loaded.model.to(device) if device else loaded.model
+        t0 = time.perf_counter()
+        metrics = evaluate(model, loaded.tokenizer, job.eval, rank, world)
+        if rank == 0:
+            records.append({**loaded.info, "benchmarks": metrics, "processes": world,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+    return records
+
