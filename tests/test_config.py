@@ -99,3 +99,12 @@ def test_config_hash_changes_with_content():
 def test_fine_tuning_options_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", overrides)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) +
+                         sorted(f"train/{p.name}" for p in (CONFIG_DIR / "train").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    """A config in configs/ that no longer matches the schema must fail here, not on a cluster."""
+    extra = ["train.init_from=/checkpoints/so400m"] if name.startswith("siglit") else []
+    cfg = load_config(CONFIG_DIR / name, extra)
+    assert cfg.train.batch_size > 0
