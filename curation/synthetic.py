@@ -275,3 +275,11 @@ def shard_records(n: int, seed: int = 0, size: int = 64, languages: Sequence[str
         yield {"key": f"{seed:03d}{i:09d}", "jpg": jpeg_bytes(render(scene, size)), "txt": text,
                "json": {"language": lang, "class": scene.class_name, "position": scene.position,
                         "count": scene.count}}
+
+
+def indexed_sample(seed: int, index: int, languages: Sequence[str] = LANGUAGES) -> Tuple[Scene, str, str]:
+    """The (scene, language, caption) of one index, computable alone (a URL names its image by index)."""
+    rng = random.Random(f"{seed}:{index}")  # str seeds hash with SHA-512: stable across runs and platforms
+    scene = random_scene(rng)
+    lang = rng.choice(list(languages))
+    return scene, lang, caption(scene, lang, rng.randrange(3))

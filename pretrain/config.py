@@ -212,11 +212,13 @@ def _known_keys(schema: Any, prefix: str = "") -> List[str]:
     return keys
 
 
-def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(e: OmegaConfBaseException, source: str, schema: Any = None) -> ConfigError:
+    """A ConfigError naming the key, the problem and the fix, for any stage's config ``schema``."""
     key = getattr(e, "full_key", None) or "?"
     if isinstance(e, ConfigKeyError):
-        close = difflib.get_close_matches(key, _known_keys(ExperimentConfig), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "see pretrain/config.py for the schema"
+        schema = schema or ExperimentConfig
+        close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"see {schema.__name__} in {schema.__module__} for the schema"
         return ConfigError(f"unknown config key '{key}' in {source}; {hint}")
     if isinstance(e, ValidationError):
         msg = str(e).splitlines()[0]

@@ -76,7 +76,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         img, txt, scale, bias = model(*micro_batches[0])
         loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
         # Read now: FSDP frees the unsharded t', b once backward is done with them.
-        stats = StepStats(loss.detach().clone(), scale.item(), bias.item(), finite=_all_finite(loss, info))
+        stats = StepStats(loss.detach().clone(), math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         backward(model, loss)
@@ -88,7 +88,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         scale = cached[0][2].detach().clone().requires_grad_()
         bias = cached[0][3].detach().clone().requires_grad_()
         loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        stats = StepStats(loss.detach().clone(), scale.item(), bias.item(), finite=_all_finite(loss, info))
+        stats = StepStats(loss.detach().clone(), math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         loss.backward()  # gradients w.r.t. the cached embeddings, t and b only

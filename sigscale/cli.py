@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sigscale.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, nproc=args.nproc, loss=args.loss, cluster=args.cluster)
     return 0
 
 
@@ -144,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
+    d.add_argument("--quick", action="store_true", help="fewer samples and steps (the test's shortened demo)")
+    d.add_argument("--nproc", type=int, default=2, help="training processes (FSDP2 ranks)")
+    d.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid",
+                   help="softmax: the CLIP loss at the same batch, for a side-by-side with `sigscale report compare`")
+    d.add_argument("--cluster", choices=["slurm", "local"], help="train through `sigscale submit` instead of torchrun")
 
     # Each stage package owns its subcommands in `<stage>/cli.py` with `register(add)`; importing it
     # must stay cheap (no torch), so `sigscale --help` is instant.

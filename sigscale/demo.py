@@ -1,85 +1,133 @@
-"""`sigscale demo`: the pipeline end to end on the embedded generated corpus."""
+"""`sigscale demo`: the whole pipeline, end to end, on the embedded generated corpus.
+
+URL list on a loopback image server → `sigscale curate` (img2dataset and the filters) → SentencePiece
+on the curated captions → `sigscale train` (FSDP2 over local processes, or a Slurm job) → evaluation of
+every kept checkpoint on held-out XM3600-format and ImageFolder sets → JSON/Markdown/HTML report.
+Every stage runs through the same command a user would type, in a subprocess, so the demo exercises
+the real entry points.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Sequence
 
 from sigscale.curation import synthetic
-from sigscale.curation.manifest import write_shards
-from sigscale.eval.xm3600 import evaluate_xm3600
-from sigscale.eval.zeroshot import evaluate_zeroshot
-from sigscale.pretrain.config import load_config
-from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
-from sigscale.pretrain.interop import load_model
 
 
-def _stage(name: str) -> float:
+@dataclass(frozen=True)
+class DemoSize:
+    samples: int  # URL-list rows served (some broken or near-duplicates on purpose)
+    steps: int
+    batch: int
+    heldout: int  # XM3600-format images; the classification set has ~heldout/24 per class
+    lr: float
+
+
+# Measured on the 2-core machine: the tiny towers leave SigLIP's init plateau (t=10, b=-10) after
+# ~200 steps at lr 5e-4; 1e-3 left it ~150 steps later and 2e-3 never did in 1500 steps.
+FULL = DemoSize(samples=16384, steps=1500, batch=128, heldout=360, lr=5e-4)
+QUICK = DemoSize(samples=4096, steps=700, batch=64, heldout=120, lr=5e-4)
+
+
+def _stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
-    return time.perf_counter()
 
 
-def run_demo(out: Path, quick: bool = False, nproc: int = 2) -> Path:
-    """Generate data, train a tokenizer and a tiny SigLIP, evaluate, write a report; returns its path."""
+def _run(cmd: Sequence[str], what: str, threads: int = 1) -> None:
+    """Run one pipeline command; a failure names the stage and the command to rerun alone."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if subprocess.call(list(cmd), env=env) != 0:
+        raise RuntimeError(f"demo {what} failed (log above); rerun it alone with:\n  {' '.join(map(str, cmd))}")
+
+
+def _sigscale(*args: str) -> List[str]:
+    return [sys.executable, "-m", "sigscale.cli", *args]
+
+
+def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoid", cluster: str = "") -> Path:
+    """Run every stage into ``out``; returns the HTML report's path."""
+    from sigscale.curation.manifest import load_manifest
+    from sigscale.curation.serve import ImageServer, write_url_list
+    from sigscale.eval.config import EvalJobConfig
+    from sigscale.eval.run import evaluate_checkpoints
+    from sigscale.eval.report import headline, write_report
+    from sigscale.pretrain.config import EvalConfig, config_hash, load_config
+    from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
+
+    size = QUICK if quick else FULL
     out = Path(out)
-    n_train, steps, n_eval = (1536, 60, 96) if quick else (16384, 1500, 360)
+    t0 = time.perf_counter()
 
-    t0 = _stage(f"data: {n_train} generated image-text pairs in {len(synthetic.LANGUAGES)} languages -> shards")
+    _stage("held-out evaluation sets: XM3600 layout (9 languages) and an ImageFolder of 24 classes")
+    xm = synthetic.write_xm3600(out / "heldout_xm3600", size.heldout, seed=1)
+    cls = synthetic.write_image_folder(out / "heldout_classes", per_class=max(4, size.heldout // 24), seed=2)
+
+    _stage(f"curate: {size.samples} URLs served from 127.0.0.1 (some broken, some near-duplicates) "
+           "-> img2dataset -> filters -> shards")
     shards = out / "shards"
-    manifest = write_shards(synthetic.shard_records(n_train, seed=0), shards, samples_per_shard=256)
-    xm = synthetic.write_xm3600(out / "heldout_xm3600", n_eval, seed=1)
-    cls = synthetic.write_image_folder(out / "heldout_classes", per_class=max(4, n_eval // 24), seed=2)
-    captions = out / "captions.txt"
-    captions.write_text("\n".join(r[2] for r in synthetic.samples(n_train, seed=0)) + "\n", encoding="utf-8")
-    print(f"   {manifest.num_samples} samples in {len(manifest.shards)} shards; languages {manifest.languages}")
+    shutil.rmtree(shards, ignore_errors=True)  # a new URL list each run: finished parts must not be reused
+    with ImageServer(size=64) as server:
+        urls = write_url_list(out / "urls.parquet", size.samples, server.base_url, seed=0)
+        _run(_sigscale("curate", "--config", "curation/demo", f"input.path={urls}", f"output.dir={shards}",
+                       f"image.decontaminate=[{xm / 'images'},{cls}]"), "curation")
+    manifest = load_manifest(shards)
+    stats = json.loads((shards / "stats.json").read_text())
+    print(f"   kept {manifest.num_samples} of {size.samples} rows in {len(manifest.shards)} shards; "
+          f"dropped: {stats.get('dropped', {})}")
 
-    _stage("tokenizer: SentencePiece BPE with byte fallback on the captions")
+    _stage("tokenizer: SentencePiece BPE with byte fallback on the curated captions")
     # BPE: on this small templated corpus unigram keeps few whole words (hi/ru captions came out
     # at 38-47 pieces vs 9-10 with BPE, measured), and the tiny text tower reads 16 tokens.
-    tok_path = train_tokenizer(captions, out / "tokenizer.model", vocab_size=1000, model_type="bpe")
-    tok = Tokenizer(tok_path, context_length=16)
-    print(f"   vocab {tok.vocab_size}: {tok_path}")
+    tok_path = train_tokenizer(shards / "captions.txt", out / "tokenizer.model", vocab_size=1000, model_type="bpe")
+    print(f"   vocab {Tokenizer(tok_path, context_length=16).vocab_size}: {tok_path}")
 
-    _stage(f"train: tiny SigLIP, FSDP2 over {nproc} processes, chunked sigmoid loss, {steps} steps")
+    where = f"a Slurm job ({cluster})" if cluster else f"FSDP2 over {nproc} local processes"
+    _stage(f"train: tiny SigLIP, {where}, chunked {loss} loss, batch {size.batch}, {size.steps} steps")
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
         f"data.shards={shards}", f"tokenizer.model={tok_path}", "tokenizer.model_type=bpe",
-        f"train.out_dir={out / 'run'}", "train.strategy=fsdp",
-        # lr 5e-4 measured best for the tiny towers here: 1e-3 left the initial plateau ~150 steps
-        # later, 2e-3 never left it in 1500 steps (SigLIP init t=10, b=-10, batch 128).
-        f"train.steps={steps}", f"train.warmup_steps={steps // 15}", "train.batch_size=128",
-        "train.lr=5e-4", "train.log_every=50", "data.num_workers=1",
+        f"train.out_dir={run_dir}", "train.strategy=fsdp", f"train.loss={loss}",
+        f"train.steps={size.steps}", f"train.warmup_steps={size.steps // 15}", f"train.batch_size={size.batch}",
+        f"train.lr={size.lr}", "train.log_every=50", f"train.ckpt_every={size.steps // 3}", "train.keep_last=3",
+        "data.num_workers=1",
     ]
+    threads = max(1, (os.cpu_count() or 2) // nproc)
+    if cluster:
+        _run(_sigscale("submit", "train", "--config", "tiny", "--cluster", cluster, "--tasks-per-node", str(nproc),
+                       "--wait", *overrides), "training", threads)
+    else:
+        _run(_sigscale("train", "--config", "tiny", "--nproc", str(nproc), "--no-resume", *overrides), "training", threads)
     cfg = load_config("tiny", overrides)
-    # The same command a user runs: torchrun starts one process per rank (gloo on CPU).
-    cmd = [sys.executable, "-m", "sigscale.cli", "train", "--config", "tiny", "--nproc", str(nproc),
-           "--no-resume", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
-    if subprocess.call(cmd, env=env) != 0:
-        raise RuntimeError(f"demo training failed (log above); rerun it alone with: {' '.join(cmd)}")
-    weights = Path(cfg.train.out_dir) / "model.safetensors"
-    losses = [json.loads(l)["loss"] for l in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
 
-    _stage("eval: XM3600-format multilingual retrieval and zero-shot classification on held-out data")
-    model = load_model(weights).eval()
-    report = {
-        "config": "tiny", "steps": steps, "train_samples": manifest.num_samples,
-        "processes": nproc, "strategy": "fsdp", "first_loss": losses[0], "final_loss": losses[-1],
-        "xm3600": evaluate_xm3600(model, tok, xm),
-        "zeroshot": evaluate_zeroshot(model, tok, cls),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    z, x = report["zeroshot"], report["xm3600"]
-    print(f"   zero-shot top-1 {z['top1']:.1f}% (chance {z['chance_top1']:.1f}%)")
+    _stage("eval: every kept checkpoint on the held-out XM3600-format and classification sets")
+    job = EvalJobConfig(checkpoints=[str(run_dir / "checkpoints")], out=str(out / "report"),
+                        eval=EvalConfig(benchmarks=["zeroshot", "xm3600"], classification_dir=str(cls),
+                                        xm3600_dir=str(xm), batch_size=128))
+    records = evaluate_checkpoints(job)
+    paths = write_report(records, Path(job.out), title=f"sigscale demo: tiny SigLIP, {loss} loss, {size.steps} steps",
+                         job={"config": "tiny", "overrides": overrides, "config_hash": config_hash(cfg),
+                              "curation": {"rows": size.samples, "kept": manifest.num_samples,
+                                           "dropped": stats.get("dropped", {})},
+                              "seconds": round(time.perf_counter() - t0, 1)})
+    last = records[-1]["benchmarks"]
+    z, x = last["zeroshot"], last["xm3600"]
+    print(f"   step {records[-1]['step']}: zero-shot top-1 {z['top1']:.1f}% (chance {z['chance_top1']:.1f}%)")
     m = x["mean"]
     print(f"   XM3600-format mean over {len(x['languages'])} languages (chance R@1 {x['chance_r@1']:.1f}%):")
     print(f"     I→T R@1/5/10 {m['i2t_r@1']:.1f} / {m['i2t_r@5']:.1f} / {m['i2t_r@10']:.1f}   "
           f"T→I R@1/5/10 {m['t2i_r@1']:.1f} / {m['t2i_r@5']:.1f} / {m['t2i_r@10']:.1f}")
-    for lang, m in x["languages"].items():
-        print(f"     {lang}: I→T R@1 {m['i2t_r@1']:5.1f}  T→I R@1 {m['t2i_r@1']:5.1f}")
-    print(f"\nreport: {report_path.resolve()}")
-    return report_path
+    for lang, lm in x["languages"].items():
+        print(f"     {lang}: I→T R@1 {lm['i2t_r@1']:5.1f}  T→I R@1 {lm['t2i_r@1']:5.1f}")
+    print(f"   headline: {json.dumps({k: round(v, 1) for k, v in headline(records[-1]).items()}, ensure_ascii=False)}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+    print(f"report: {paths['html'].resolve()}")
+    return paths["html"]
+

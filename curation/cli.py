@@ -1,0 +1,35 @@
+"""`sigscale curate`: URL lists -> filtered, deduplicated, balanced webdataset shards."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from sigscale.curation.config import load_curation_config
+    from sigscale.curation.pipeline import curate, finalize, plan_parts, run_part
+
+    cfg = load_curation_config(args.config, args.overrides)
+    if args.plan:
+        print(f"{len(plan_parts(cfg))} part(s) planned in {cfg.work_dir}")
+        return 0
+    if args.part is not None:
+        parts = plan_parts(cfg)
+        if not 0 <= args.part < len(parts):
+            from sigscale.curation.config import CurationError
+
+            raise CurationError(f"--part {args.part} is out of range: the URL list has {len(parts)} part(s) (0..{len(parts) - 1})")
+        print(f"part done: {run_part(cfg, parts[args.part])}")
+        return 0
+    out = finalize(cfg) if args.finalize else curate(cfg)
+    print(f"shards, manifest.json, stats.json, report.md: {out}")
+    return 0
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("curate", cmd_curate, "curate URL lists into webdataset shards + manifest, stats and report "
+            "(e.g. --config curation/default input.path=urls.parquet output.dir=curated)", config=True)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="only split the URL list into parts")
+    mode.add_argument("--part", type=int, help="run only this part (one Slurm array task); skips it when done")
+    mode.add_argument("--finalize", action="store_true", help="only merge the finished parts into shards")

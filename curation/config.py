@@ -1,0 +1,263 @@
+"""The curation config: a typed dataclass schema loaded from YAML with dot-list overrides.
+
+``sigscale curate --config curation/demo input.path=urls.parquet output.dir=out`` loads
+``configs/curation/demo.yaml`` (a path works too), merges the overrides and validates the result
+before any work starts; an unknown key fails with the closest known key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sigscale import CONFIG_DIR
+from sigscale.errors import SigscaleError
+from sigscale.pretrain.config import ConfigError, _choice, _explain, _load_yaml, config_hash
+
+
+class CurationError(SigscaleError, ValueError):
+    """Curation input or state is unusable; the message names the file or key and the fix."""
+
+
+FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl")
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+BALANCE_MODES = ("none", "cap", "temperature")
+# img2dataset's defaults: X-Robots-Tag directives that forbid use of an image.
+ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+@dataclass
+class InputConfig:
+    path: str = ""  # one file, or a folder of parts in one format
+    format: str = "auto"  # auto: from the file extension
+    url_col: str = "url"
+    caption_col: str = "caption"
+    language_col: str = ""  # optional declared language, kept as "declared_language"
+    extra_cols: List[str] = field(default_factory=list)  # copied into each sample's json
+
+
+@dataclass
+class TextConfig:
+    languages: List[str] = field(default_factory=list)  # allow-list of ISO 639-1 codes; empty: any
+    min_confidence: float = 0.5  # language-ID probability below which a caption is dropped
+    language_thresholds: Dict[str, float] = field(default_factory=dict)  # per-language override
+    trust_language_col: bool = False  # take input.language_col instead of detecting
+    min_chars: int = 3
+    max_chars: int = 1000
+    min_words: int = 1  # CJK runs count one word per two characters
+    max_words: int = 200
+    blocked_domains: List[str] = field(default_factory=list)  # a domain blocks its subdomains too
+    blocked_patterns: List[str] = field(default_factory=list)  # regexes searched in url and caption
+    allow_private_networks: bool = False
+    allowed_networks: List[str] = field(default_factory=list)  # CIDRs exempt from the private-address refusal
+    resolve_hosts: bool = True  # DNS-resolve host names to refuse those pointing into private ranges
+
+
+@dataclass
+class DownloadConfig:
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 95
+    processes: int = 2
+    threads: int = 32
+    timeout: int = 10  # seconds per socket read (img2dataset), not a total deadline
+    retries: int = 0
+    samples_per_shard: int = 10000  # img2dataset's shards inside a part
+    # Refused from the image header by OpenCV before decoding (decompression bombs); PIL's default limit.
+    max_image_pixels: int = 89_478_485
+    disallowed_header_directives: List[str] = field(default_factory=lambda: list(ROBOTS_DIRECTIVES))
+    user_agent_token: str = ""
+
+
+@dataclass
+class ScoreConfig:
+    model: str = ""  # a checkpoint sigscale.pretrain.interop.load_model reads; empty: no score filter
+    tokenizer: str = ""  # its SentencePiece .model
+    min_score: Optional[float] = None  # image-text cosine similarity below which a pair is dropped
+    top_fraction: Optional[float] = None  # keep this fraction with the highest scores
+    batch_size: int = 128
+
+
+@dataclass
+class ImageConfig:
+    min_side: int = 64  # of the original image
+    max_aspect: float = 3.0
+    min_bytes: int = 0  # of the stored (re-encoded) image; near-blank images compress to almost nothing
+    max_bytes: int = 0  # 0: no limit
+    phash_threshold: int = 8  # Hamming distance of 64-bit pHashes for near-duplicates; -1: off
+    # pHash sees luminance only; candidate pairs must also agree in colour: mean absolute difference
+    # of 16x16 RGB thumbnails (0-255) at most this much. Negative: pHash alone decides.
+    thumb_max_diff: float = 3.0
+    decontaminate: List[str] = field(default_factory=list)  # eval image folders (ImageFolder, XM3600 images/)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+@dataclass
+class BalanceConfig:
+    mode: str = "none"  # none | cap | temperature
+    max_fraction: float = 1.0  # cap: no language above this share of the output
+    temperature: float = 1.0  # temperature: p_lang proportional to n_lang^(1/T); 1 keeps the mix
+    seed: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""
+    samples_per_shard: int = 1000
+    rows_per_part: int = 100_000  # URL-list rows per part (one local run or one Slurm array task)
+    corpus: bool = True  # write captions.txt for tokenizer training
+    plots: bool = True
+    keep_downloads: bool = False  # keep img2dataset's raw output inside each part
+
+
+@dataclass
+class CurationConfig:
+    name: str = "curation"
+    input: InputConfig = field(default_factory=InputConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.output.dir) / "work"
+
+
+def _resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    for candidate in (p, CONFIG_DIR / "curation" / p, CONFIG_DIR / p):
+        for c in (candidate, candidate.with_name(candidate.name + ".yaml")):
+            if c.is_file():
+                return c
+    raise ConfigError(
+        f"curation config {path} does not exist; give a YAML path or a name from {CONFIG_DIR / 'curation'}"
+    )
+
+
+def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
+    """Load a curation YAML (with its composed parts) plus dot-list overrides, validated."""
+    source = str(path) if path else "<defaults>"
+    node = _load_yaml(_resolve_path(path)) if path else OmegaConf.create()
+    try:
+        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}; use key.sub=value") from e
+    if overrides:
+        source += " + overrides"
+    try:
+        cfg: CurationConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CurationConfig), node))
+    except OmegaConfBaseException as e:
+        raise _explain(e, source, CurationConfig) from None
+    validate(cfg)
+    return cfg
+
+
+def _fraction(value: Optional[float], key: str, open_low: bool = True) -> None:
+    if value is not None and not ((0 < value if open_low else 0 <= value) and value <= 1):
+        raise ConfigError(f"{key}={value} must be in (0, 1]")
+
+
+def validate(cfg: CurationConfig) -> None:
+    """Reject impossible settings before any file is read or URL fetched."""
+    i, t, d, im, b, o = cfg.input, cfg.text, cfg.download, cfg.image, cfg.balance, cfg.output
+    if not i.path:
+        raise ConfigError("input.path is empty; set it to a URL list file or folder (input.path=urls.parquet)")
+    if not o.dir:
+        raise ConfigError("output.dir is empty; set it to the folder for shards and manifest (output.dir=curated)")
+    _choice(i.format, FORMATS, "input.format")
+    _choice(d.resize_mode, RESIZE_MODES, "download.resize_mode")
+    _choice(b.mode, BALANCE_MODES, "balance.mode")
+    if not i.url_col or not i.caption_col:
+        raise ConfigError("input.url_col and input.caption_col must name columns of the URL list")
+    if t.trust_language_col and not i.language_col:
+        raise ConfigError("text.trust_language_col=true needs input.language_col; name the column or detect languages")
+    if t.languages or t.language_thresholds:
+        from sigscale.curation.text_filters import known_languages
+
+        known = known_languages()
+        unknown = sorted((set(t.languages) | set(t.language_thresholds)) - known)
+        if unknown:
+            raise ConfigError(
+                f"text.languages / text.language_thresholds name unknown language code(s) {unknown}; "
+                f"use ISO 639-1 codes the language identifier knows, e.g. {sorted(known)[:12]}"
+            )
+    for key, value in [("text.min_confidence", t.min_confidence), *[(f"text.language_thresholds.{k}", v)
+                                                                   for k, v in t.language_thresholds.items()]]:
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must be a probability in [0, 1]")
+    if t.min_chars > t.max_chars or t.min_words > t.max_words:
+        raise ConfigError(
+            f"text.min_chars/min_words ({t.min_chars}/{t.min_words}) exceed max_chars/max_words "
+            f"({t.max_chars}/{t.max_words}); lower the minimum or raise the maximum"
+        )
+    for pattern in t.blocked_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"text.blocked_patterns entry {pattern!r} is not a regular expression: {e}") from None
+    for net in t.allowed_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"text.allowed_networks entry {net!r} is not a CIDR network such as 127.0.0.1/32") from None
+    for key in ("image_size", "processes", "threads", "timeout", "samples_per_shard", "max_image_pixels"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"download.{key}={getattr(d, key)} must be positive")
+    if not 0 <= d.encode_quality <= 100:
+        raise ConfigError(f"download.encode_quality={d.encode_quality} must be in [0, 100]")
+    if im.max_aspect < 1:
+        raise ConfigError(f"image.max_aspect={im.max_aspect} must be >= 1 (long side / short side)")
+    if im.max_bytes and im.max_bytes < im.min_bytes:
+        raise ConfigError(f"image.max_bytes={im.max_bytes} is below image.min_bytes={im.min_bytes}")
+    if not -1 <= im.phash_threshold <= 64:
+        raise ConfigError(f"image.phash_threshold={im.phash_threshold} must be -1 (off) or a Hamming distance 0..64")
+    for folder in im.decontaminate:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"image.decontaminate folder {folder} does not exist; give eval image folders")
+    s = im.score
+    _fraction(s.top_fraction, "image.score.top_fraction")
+    if (s.min_score is not None or s.top_fraction is not None) and not s.model:
+        raise ConfigError("image.score.min_score/top_fraction need image.score.model (a checkpoint to score with)")
+    if s.model and not (s.tokenizer and Path(s.tokenizer).is_file()):
+        raise ConfigError(f"image.score.tokenizer={s.tokenizer!r} is not a file; give the SentencePiece .model of the scoring checkpoint")
+    if s.model and not Path(s.model).exists():
+        raise ConfigError(f"image.score.model {s.model} does not exist; give a HF SiglipModel dir or a sigscale run dir")
+    if b.mode == "cap":
+        _fraction(b.max_fraction, "balance.max_fraction")
+    if b.mode == "temperature" and b.temperature <= 0:
+        raise ConfigError(f"balance.temperature={b.temperature} must be positive")
+    for key in ("samples_per_shard", "rows_per_part"):
+        if getattr(o, key) <= 0:
+            raise ConfigError(f"output.{key}={getattr(o, key)} must be positive")
+
+
+def part_config_hash(cfg: CurationConfig) -> str:
+    """Hash of everything a part's result depends on; finalize-only settings are left out."""
+    image = dataclasses.asdict(cfg.image)
+    image.pop("decontaminate")
+    image.pop("phash_threshold")
+    image.pop("thumb_max_diff")
+    image["score"] = {"model": cfg.image.score.model, "tokenizer": cfg.image.score.tokenizer}
+    download = dataclasses.asdict(cfg.download)
+    for key in ("processes", "threads"):  # parallelism does not change what a part keeps
+        download.pop(key)
+    return config_hash({"input": dataclasses.asdict(cfg.input), "text": dataclasses.asdict(cfg.text),
+                        "download": download, "image": image,
+                        "rows_per_part": cfg.output.rows_per_part})
+
+
+def to_yaml(cfg: CurationConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

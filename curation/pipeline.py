@@ -1,0 +1,324 @@
+"""Curation in parts: plan, run each part (locally or one per Slurm array task), finalize.
+
+``plan_parts`` reads the URL list once, normalises captions, drops exact (url, caption) duplicates
+over the whole list and cuts the rest into parts of ``output.rows_per_part`` input rows.
+``run_part`` takes one part through the text stage, img2dataset and the image checks into
+``work/parts/part-NNNNN/`` and marks it done; a rerun skips it. ``finalize`` merges the parts
+deterministically (rows in input order): decontamination, near-duplicates, score filter and
+language balance over all of them, then uniform shards, manifest.json, stats.json, captions.txt
+and report.md. Every input row ends kept or with one counted drop reason.
+
+Layout under ``output.dir``: shard-NNNNN.tar, manifest.json, stats.json, captions.txt, report.md,
+plots, and work/ (plan.json, inputs/, parts/).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import numpy as np
+import pandas as pd
+
+from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
+from sigscale.pretrain.config import config_hash
+
+PLAN = "plan.json"
+DONE = "done.json"
+OUTCOMES = "outcomes.parquet"  # one line per input row: row, reason (null: kept)
+_META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
+         "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
+         "thumb", "score"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A contiguous range [start, stop) of input rows, curated on its own."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+    tmp.replace(path)
+
+
+def _fingerprint(cfg: CurationConfig) -> dict:
+    from sigscale.curation.sources import list_files
+
+    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in list_files(cfg.input)]
+    return {"files": files, "input": asdict(cfg.input), "rows_per_part": cfg.output.rows_per_part}
+
+
+def _parts_from(plan: dict) -> List[Part]:
+    return [Part(**p) for p in plan["parts"]]
+
+
+def _part_dir(cfg: CurationConfig, part: Part) -> Path:
+    return cfg.work_dir / "parts" / part.name
+
+
+def plan_parts(cfg: CurationConfig) -> List[Part]:
+    """Split the URL list into parts (reusing an existing plan of the same input); see module doc."""
+    from sigscale.curation.sources import read_url_list
+    from sigscale.curation.text_filters import normalize_and_dedup
+
+    work = cfg.work_dir
+    plan_path = work / PLAN
+    fingerprint = _fingerprint(cfg)
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        if plan["fingerprint"] == fingerprint:
+            return _parts_from(plan)
+        done = [p.name for p in _parts_from(plan) if (_part_dir(cfg, p) / DONE).is_file()]
+        if done:
+            raise CurationError(
+                f"{work} holds {len(done)} finished part(s) of a different URL list or input config "
+                f"(input.path={cfg.input.path}); use a new output.dir or delete {work}"
+            )
+    t0 = time.perf_counter()
+    df = read_url_list(cfg.input)
+    reason = normalize_and_dedup(df)
+    (work / "inputs").mkdir(parents=True, exist_ok=True)
+    drops = pd.DataFrame({"row": df.loc[reason.notna(), "row"].to_numpy(np.int64),
+                          "reason": reason[reason.notna()].to_numpy(object)})
+    drops.to_parquet(work / "plan_drops.parquet", index=False)
+    rest = df[reason.isna()]
+    n, step = len(df), cfg.output.rows_per_part
+    parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
+    bounds = np.searchsorted(rest["row"].to_numpy(), [p.start for p in parts] + [n])  # rows are ascending
+    for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
+        chunk = rest.iloc[lo:hi]
+        path = work / "inputs" / f"{part.name}.parquet"
+        chunk.to_parquet(path.with_suffix(".tmp"), index=False)
+        path.with_suffix(".tmp").replace(path)
+    _write_json(plan_path, {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
+                            "plan_seconds": round(time.perf_counter() - t0, 3)})
+    print(f"curate: planned {n} rows in {len(parts)} part(s); {len(drops)} dropped before download", flush=True)
+    return parts
+
+
+def run_part(cfg: CurationConfig, part: Part) -> Path:
+    """Curate one part into work/parts/<name> (idempotent: a finished part is skipped)."""
+    from sigscale.curation.download import download
+    from sigscale.curation.image_filters import check_images
+    from sigscale.curation.text_filters import filter_text
+
+    final = _part_dir(cfg, part)
+    want = part_config_hash(cfg)
+    if (final / DONE).is_file():
+        have = json.loads((final / DONE).read_text()).get("config_hash")
+        if have != want:
+            raise CurationError(
+                f"{final} was curated with another config (hash {have}, now {want}); finalize-only settings "
+                "(decontaminate, phash, score thresholds, balance, shards) may change, the rest may not: "
+                "use a new output.dir or delete the work folder"
+            )
+        return final
+    input_path = cfg.work_dir / "inputs" / f"{part.name}.parquet"
+    if not input_path.is_file():
+        raise CurationError(f"{input_path} is missing; run plan_parts (sigscale curate) before running parts")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt; img2dataset needs a fresh folder
+    tmp.mkdir(parents=True)
+    rows = pd.read_parquet(input_path)
+
+    t0 = time.perf_counter()
+    kept, text_drops = filter_text(rows, cfg.text)
+    t1 = time.perf_counter()
+    results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download)
+    t2 = time.perf_counter()
+    candidates, image_drops = check_images(results, tmp / "download" / "shards", cfg.image)
+    candidates = candidates.merge(
+        kept[["row", "url", "caption", "caption_original", "declared_language", "extras", "language",
+              "language_confidence"]], on="row", how="left")
+    candidates["part"] = part.index
+    candidates["score"] = np.nan
+    if cfg.image.score.model and len(candidates):
+        from sigscale.curation.score import score_pairs
+
+        candidates["score"] = score_pairs(list(candidates["jpg"]), list(candidates["caption"]), cfg.image.score)
+    t3 = time.perf_counter()
+
+    download_drops = results.loc[results["reason"].notna(), ["row", "reason"]]
+    drops = pd.concat([text_drops, download_drops, image_drops], ignore_index=True).astype({"row": np.int64})
+    if len(drops) + len(candidates) != len(rows) or drops["row"].duplicated().any():
+        raise RuntimeError(f"{part.name}: {len(rows)} rows in, {len(candidates)} kept + {len(drops)} dropped out")
+    candidates[_META + ["jpg"]].to_parquet(tmp / "candidates.parquet", index=False)
+    drops.to_parquet(tmp / "drops.parquet", index=False)
+    if not cfg.output.keep_downloads:
+        shutil.rmtree(tmp / "download")
+    arrived = results[results["reason"].isna()]
+    fetched = len(arrived)
+    _write_json(tmp / DONE, {
+        "part": asdict(part), "config_hash": want, "rows": len(rows), "candidates": len(candidates),
+        "dropped": dict(Counter(drops["reason"])), "languages_text": dict(Counter(kept["language"])),
+        "text_seconds": round(t1 - t0, 3), "download_seconds": round(t2 - t1, 3),
+        "image_seconds": round(t3 - t2, 3), "downloaded": fetched, "download_attempts": len(kept),
+        "short_side_histogram": short_side_histogram(np.minimum(arrived["original_width"], arrived["original_height"])),
+    })
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    print(f"curate: {part.name} rows {part.start}-{part.stop}: {len(rows)} in, {len(kept)} fetched "
+          f"({fetched} arrived, {fetched / max(t2 - t1, 1e-9):.0f} images/s), {len(candidates)} candidates", flush=True)
+    return final
+
+
+SIZE_BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def short_side_histogram(short_sides) -> Dict[str, int]:
+    """Counts of images by the shorter side of the original, in power-of-two bins ("64-127": n)."""
+    counts = np.histogram(np.asarray(short_sides, dtype=np.float64), bins=[*SIZE_BINS, np.inf])[0]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(SIZE_BINS, SIZE_BINS[1:])] + [f"{SIZE_BINS[-1]}+"]
+    return {label: int(c) for label, c in zip(labels, counts)}
+
+
+def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
+    """Drop reason per candidate (None: kept) from the merge-time filters, in order."""
+    from sigscale.curation.balance import balance
+    from sigscale.curation.image_filters import contaminated, eval_images, hash_files, near_duplicates
+
+    im = cfg.image
+    reason = pd.Series(None, index=meta.index, dtype=object)
+    hashes = meta["phash"].to_numpy(np.uint64)
+    thumbs = np.stack([np.frombuffer(t, np.uint8) for t in meta["thumb"]]) if len(meta) else np.zeros((0, 768), np.uint8)
+    if im.decontaminate:
+        paths = eval_images(im.decontaminate)
+        if not paths:
+            raise CurationError(f"image.decontaminate folders {im.decontaminate} hold no images; check the paths")
+        eval_hashes, eval_thumbs, bad = hash_files(paths)
+        if bad:
+            print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
+        threshold = max(im.phash_threshold, 0)  # near-duplicate removal off still leaves exact pHash matches
+        reason[contaminated(hashes, thumbs, eval_hashes, eval_thumbs, threshold, im.thumb_max_diff)] = "eval_duplicate"
+    alive = reason.isna().to_numpy()
+    dup = near_duplicates(hashes[alive], thumbs[alive], im.phash_threshold, im.thumb_max_diff)
+    reason[np.flatnonzero(alive)[dup]] = "near_duplicate"
+    score = meta["score"].to_numpy(np.float64)
+    if im.score.min_score is not None:
+        reason[(score < im.score.min_score) & reason.isna().to_numpy()] = "low_score"
+    if im.score.top_fraction is not None:
+        alive = np.flatnonzero(reason.isna().to_numpy())
+        keep = math.ceil(im.score.top_fraction * len(alive))
+        order = alive[np.lexsort((meta["row"].to_numpy()[alive], -score[alive]))]  # ties: earlier row first
+        reason[order[keep:]] = "low_score"
+    alive = np.flatnonzero(reason.isna().to_numpy())
+    keep = balance(meta["language"].to_numpy(object)[alive], cfg.balance)
+    reason[alive[~keep]] = "balance"
+    return reason
+
+
+def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator[dict]:
+    for part in parts:
+        df = pd.read_parquet(_part_dir(cfg, part) / "candidates.parquet")
+        for r in df[df["row"].isin(kept_rows)].sort_values("row").itertuples(index=False):
+            meta = json.loads(r.extras)
+            meta.update({"language": r.language, "language_confidence": round(float(r.language_confidence), 4),
+                         "url": r.url, "caption_original": r.caption_original, "row": int(r.row),
+                         "width": int(r.width), "height": int(r.height),
+                         "original_width": int(r.original_width), "original_height": int(r.original_height)})
+            if r.declared_language is not None:
+                meta["declared_language"] = r.declared_language
+            if not np.isnan(r.score):
+                meta["score"] = round(float(r.score), 5)
+            yield {"key": f"{int(r.row):012d}", "jpg": r.jpg, "txt": r.caption, "json": meta}
+
+
+def finalize(cfg: CurationConfig) -> Path:
+    """Merge finished parts into shards, manifest.json, stats.json, captions.txt and report.md."""
+    from sigscale.curation.manifest import write_shards
+    from sigscale.curation.report import write_report
+
+    plan_path = cfg.work_dir / PLAN
+    if not plan_path.is_file():
+        raise CurationError(f"no {PLAN} in {cfg.work_dir}; run `sigscale curate` (it plans and runs the parts) first")
+    plan = json.loads(plan_path.read_text())
+    parts = _parts_from(plan)
+    missing = [p.name for p in parts if not (_part_dir(cfg, p) / DONE).is_file()]
+    if missing:
+        raise CurationError(
+            f"{len(missing)} of {len(parts)} part(s) are not finished, e.g. {missing[:3]}; run them "
+            "(`sigscale curate --config ...`, or the Slurm array) before finalizing"
+        )
+    t0 = time.perf_counter()
+    done = [json.loads((_part_dir(cfg, p) / DONE).read_text()) for p in parts]
+    drops = [pd.read_parquet(cfg.work_dir / "plan_drops.parquet")]
+    drops += [pd.read_parquet(_part_dir(cfg, p) / "drops.parquet") for p in parts]
+    meta = pd.concat([pd.read_parquet(_part_dir(cfg, p) / "candidates.parquet", columns=_META) for p in parts],
+                     ignore_index=True).sort_values("row", ignore_index=True)
+    reason = _final_drops(meta, cfg)
+    kept = meta[reason.isna()]
+    drops.append(pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]}))
+    drops = pd.concat(drops, ignore_index=True)
+
+    n = plan["input_rows"]
+    seen = np.concatenate([drops["row"].to_numpy(np.int64), kept["row"].to_numpy(np.int64)])
+    if len(seen) != n or not np.array_equal(np.sort(seen), np.arange(n)):
+        raise RuntimeError(f"accounting broken: {n} input rows but {len(kept)} kept + {len(drops)} dropped")
+
+    outcomes = pd.concat([drops, pd.DataFrame({"row": kept["row"], "reason": None})], ignore_index=True)
+    outcomes.sort_values("row").to_parquet(cfg.work_dir / OUTCOMES, index=False)
+
+    out = cfg.out_dir
+    for old in out.glob("shard-*.tar"):
+        old.unlink()
+    manifest = write_shards(_records(cfg, parts, set(kept["row"].tolist())), out,
+                            samples_per_shard=cfg.output.samples_per_shard, config_hash=config_hash(cfg),
+                            prefix="shard")
+    if cfg.output.corpus:
+        (out / "captions.txt").write_text("".join(c + "\n" for c in kept["caption"]), encoding="utf-8")
+    dropped = Counter(drops["reason"])
+    text_s = sum(d["text_seconds"] for d in done)
+    download_s = sum(d["download_seconds"] for d in done)
+    stats = {
+        "input_rows": n, "kept": len(kept), "dropped_total": len(drops),
+        "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
+        "languages_after": manifest.languages,
+        "short_side_histogram": {k: sum(d["short_side_histogram"][k] for d in done)
+                                 for k in short_side_histogram([])},
+        "shards": len(manifest.shards), "parts": len(parts), "config_hash": config_hash(cfg),
+        "timing": {
+            "plan_seconds": plan["plan_seconds"], "text_seconds": round(text_s, 3),
+            "download_seconds": round(download_s, 3),
+            "image_seconds": round(sum(d["image_seconds"] for d in done), 3),
+            "finalize_seconds": round(time.perf_counter() - t0, 3),
+            "captions_per_second": round(sum(d["rows"] for d in done) / max(text_s, 1e-9), 1),
+            "images_per_second": round(sum(d["downloaded"] for d in done) / max(download_s, 1e-9), 1),
+        },
+    }
+    _write_json(out / "stats.json", stats)
+    write_report(stats, out, plots=cfg.output.plots, name=cfg.name)
+    print(f"curate: kept {len(kept)} of {n} rows in {len(manifest.shards)} shard(s) at {out}", flush=True)
+    if not len(kept):
+        raise CurationError(f"no sample survived curation of {cfg.input.path}; see {out / 'stats.json'} for the drop reasons")
+    return out
+
+
+def curate(cfg: CurationConfig) -> Path:
+    """Plan, run every unfinished part here, and finalize; returns the output folder."""
+    for part in plan_parts(cfg):
+        run_part(cfg, part)
+    return finalize(cfg)
+
+
+def load_outcomes(out_dir: Path) -> pd.DataFrame:
+    """Where every input row of a curated folder went: columns row, reason (None: kept)."""
+    path = Path(out_dir) / "work" / OUTCOMES
+    if not path.is_file():
+        raise CurationError(f"no {OUTCOMES} under {out_dir}/work; run `sigscale curate` to produce it")
+    return pd.read_parquet(path)

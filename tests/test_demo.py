@@ -1,0 +1,53 @@
+"""The shortened demo, end to end through the real CLI: curation from a loopback server, FSDP2
+training over 2 processes, evaluation, and a report that shows the model really learned."""
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.tables = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+        self.tables += tag == "table"
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_quick_demo_learns_far_above_chance_and_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "sigscale.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    html_path = out / "report" / "report.html"
+    assert f"report: {html_path.resolve()}" in proc.stdout
+
+    # curation did real work and accounted for every row
+    stats = json.loads((out / "shards" / "stats.json").read_text())
+    assert stats["kept"] + stats["dropped_total"] == stats["input_rows"] == 4096
+    assert stats["dropped"].get("http_404", 0) > 0 and stats["dropped"].get("near_duplicate", 0) > 0
+
+    # the report: one record per kept checkpoint, the last one far above chance
+    report = json.loads((out / "report" / "report.json").read_text())
+    records = report["records"]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records) and records[-1]["step"] == 700
+    zs, xm = records[-1]["benchmarks"]["zeroshot"], records[-1]["benchmarks"]["xm3600"]
+    assert zs["top1"] > 2.5 * zs["chance_top1"], zs
+    assert len(xm["languages"]) == 9
+    chance_r5 = 5 * xm["chance_r@1"]
+    assert xm["mean"]["i2t_r@5"] > 3 * chance_r5 and xm["mean"]["t2i_r@5"] > 3 * chance_r5, xm["mean"]
+    # and training itself lowered the loss
+    losses = [json.loads(l)["loss"] for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 3
+
+    page = _Images()
+    page.feed(html_path.read_text(encoding="utf-8"))
+    assert page.tables >= 2 and len(page.srcs) >= 3
+    assert all(src.startswith("data:image/png;base64,") for src in page.srcs)
