@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -28,17 +28,27 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.sigscale-installed-*
 	@touch $@
 
-test: setup
+test: setup slurm-up
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not multiproc and not slow"
+	$(PY) -m pytest -q -m "not multiproc and not slow and not slurm"
 
 demo: setup
 	$(VENV)/bin/sigscale demo --out demo_out
 
 bench: setup
 	$(VENV)/bin/sigscale bench loss --out bench_results/loss.json
+
+# The single-node Slurm cluster the Slurm tests submit to (slurm/local_cluster.sh: apt install on first
+# use, needs root). Where it cannot run (exit 3) its tests skip, except under CI=true where that fails.
+slurm-up:
+	@bash slurm/local_cluster.sh start || { rc=$$?; \
+	  if [ $$rc -eq 3 ] && [ "$$CI" != true ]; then echo "make: no local Slurm here: the Slurm tests will skip"; \
+	  else exit $$rc; fi; }
+
+slurm-down:
+	bash slurm/local_cluster.sh stop
 
 clean:
 	rm -rf demo_out bench_results .pytest_cache

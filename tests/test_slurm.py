@@ -1,0 +1,234 @@
+"""submit/status/cancel on a real single-node Slurm (slurm/local_cluster.sh): training with exact
+resume after preemption, curation and eval job arrays, failures that name their task and log."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+
+from slurm_fixtures import slurm_cluster  # noqa: F401  (fixture)
+from test_train import cli_train, data, metric_losses, overrides  # noqa: F401  (data is a fixture)
+
+from sigscale.cli import main
+from sigscale.pretrain.checkpoint import list_checkpoints
+from sigscale.pretrain.config import load_config
+from sigscale.slurm.arrays import ArrayTask, is_done, submit_array
+from sigscale.slurm.executor import Resources
+from sigscale.slurm.jobs import JobFailedError, Submission, read_records, status, wait
+from sigscale.slurm.submit import submit_curate, submit_eval, submit_train
+
+slurm = pytest.mark.slurm
+
+STEPS, CKPT_EVERY = 48, 24
+TWO_RANKS = Resources(tasks_per_node=2, cpus_per_task=1, time_min=60)  # ≥ 60 min: see slurm/train_job.py
+ONE_CPU = Resources(cpus_per_task=1, time_min=60)
+
+
+def _queue() -> set:
+    out = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+@pytest.fixture
+def cluster(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    """The cluster for one test; whatever the test left queued is cancelled afterwards."""
+    monkeypatch.setenv("SIGSCALE_STATE_DIR", str(tmp_path / "state"))
+    before = _queue()
+    yield slurm_cluster
+    left = _queue() - before
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+
+
+def tiny(data, run_dir):  # noqa: F811
+    return load_config("tiny", overrides(data, run_dir, STEPS, CKPT_EVERY))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):  # noqa: F811
+    """The same config on 2 ranks under torchrun (`sigscale train --nproc 2`): what every 2-task job must
+    reproduce (the data stream is split by rank, so only the same world size gives the same batches)."""
+    run = tmp_path_factory.mktemp("slurm_ref") / "run"
+    proc = cli_train(data, run, STEPS, CKPT_EVERY, nproc=2)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    return metric_losses(run)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, data, tmp_path_factory):  # noqa: F811
+    """One 2-task training job through sbatch, run to completion."""
+    run = tmp_path_factory.mktemp("slurm_train") / "run"
+    sub = submit_train(tiny(data, run), "slurm", TWO_RANKS)
+    results = wait(sub, poll_s=1, timeout_s=300)
+    return run, sub, results
+
+
+@slurm
+def test_two_task_training_job_matches_torchrun_and_leaves_checkpoints(cluster, slurm_run, reference):
+    run, sub, results = slurm_run
+    assert results[0]["final_weights"] == str(run / "model.safetensors") and (run / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000024", "step_00000048"]
+    assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    # both ranks ran under Slurm and logged into the run dir
+    job = sub.jobs[0]
+    for rank in (0, 1):
+        assert (sub.folder / f"{job.job_id}_{rank}_log.out").is_file()
+        assert (sub.folder / f"{job.job_id}_{rank}_result.pkl").is_file()
+    assert sub.folder.parent == run / "slurm"
+    script = (sub.folder / f"{job.job_id}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --requeue" in script
+    rec = read_records(run)[-1]
+    assert rec["kind"] == "train" and rec["jobs"][0]["id"] == job.job_id and rec["jobs"][0]["tasks"] == 2
+
+
+@slurm
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, data, reference, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    sub = submit_train(tiny(data, run), "slurm", TWO_RANKS)
+    job = sub.jobs[0]
+    metrics, deadline = run / "metrics.jsonl", time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and not job.paths.result_pickle.exists(), "training never started"
+        time.sleep(0.1)
+    job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2, to every task
+    wait(sub, poll_s=1, timeout_s=300)
+    # both attempts log into the same files (open-mode append)
+    assert "Caught signal SIGUSR2" in job.paths.stderr.read_text()
+    out = job.paths.stdout.read_text()
+    assert "Requeued job" in out
+    resumed = [line for line in out.splitlines() if line.startswith("resumed from")]
+    assert len(resumed) == 1
+    step = int(resumed[0].split("step_")[1].split()[0])
+    assert 3 <= step < STEPS  # stopped mid-run, at a step boundary after the interrupt
+    # one metrics file, every step exactly once (metric_losses checks), equal to the uninterrupted run
+    assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    # Slurm's record: the first attempt REQUEUED, the second COMPLETED (once its processes have exited)
+    deadline = time.time() + 60
+    while (states := _states(job.job_id))[-1] == "RUNNING" and time.time() < deadline:
+        time.sleep(1)
+    assert states == ["REQUEUED", "COMPLETED"]
+
+
+def _states(job_id: str) -> list:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "--duplicates"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def _times(job_id: str, field: str) -> list:
+    """sacct's Start or End of a job (every task of an array)."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field],
+                         capture_output=True, text=True, check=True).stdout
+    return [datetime.fromisoformat(t) for t in out.split()]
+
+
+@slurm
+def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
+    from sigscale.curation.config import load_curation_config
+    from sigscale.curation.manifest import load_manifest
+    from sigscale.curation.serve import ImageServer, write_url_list
+
+    with ImageServer() as server:
+        urls = write_url_list(tmp_path / "urls.parquet", 60, server.base_url, seed=3)
+        cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={tmp_path / 'curated'}",
+                                            "output.rows_per_part=20", "download.processes=1",
+                                            "download.threads=4", "output.plots=false"])
+        sub = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
+        assert sub.names == ["part-00000", "part-00001", "part-00002", "finalize"]
+        wait(sub, poll_s=1, timeout_s=400)
+    out = tmp_path / "curated"
+    manifest = load_manifest(out / "manifest.json")
+    stats = json.loads((out / "stats.json").read_text())
+    assert manifest.num_samples > 0 and stats["input_rows"] == 60
+    parts_array = sub.jobs[0].job_id.split("_")[0]
+    script = (sub.folder / f"{parts_array}_submission.sh").read_text()
+    assert "#SBATCH --array=0-2%2" in script
+    # finalize started after every part ended (afterok dependency on the array)
+    assert max(_times(parts_array, "End")) <= min(_times(sub.jobs[-1].job_id, "Start"))
+    # resubmission: every part and the finalize step are done, nothing is queued
+    again = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, array_parallelism=2))
+    assert again.jobs == [] and again.skipped == ["part-00000", "part-00001", "part-00002", "finalize"]
+
+
+@slurm
+def test_eval_array_one_task_per_checkpoint_and_benchmark_matches_in_process_eval(cluster, slurm_run, data, tmp_path):  # noqa: F811
+    from sigscale.eval.config import load_eval_config
+    from sigscale.eval.run import evaluate_checkpoints
+
+    run = slurm_run[0]
+    overrides_ = [f"checkpoints=[{run / 'checkpoints'}]", f"out={tmp_path / 'report'}",
+                  "eval.benchmarks=[retrieval]", f"eval.retrieval_shards={data[0]}", "eval.retrieval_max_samples=64"]
+    sub = submit_eval(None, overrides_, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
+    assert sub.names == ["000-step_00000024-retrieval", "001-step_00000048-retrieval", "report"]
+    wait(sub, poll_s=1, timeout_s=300)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    expected = evaluate_checkpoints(load_eval_config(None, overrides_))
+    assert [r["step"] for r in report["records"]] == [24, 48]
+    for got, want in zip(report["records"], expected):
+        got, want = got["benchmarks"]["retrieval"], want["benchmarks"]["retrieval"]
+        got.pop("seconds"), want.pop("seconds")
+        assert json.loads(json.dumps(want)) == got  # the same numbers, to the last digit
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+@slurm
+def test_failing_array_task_error_names_the_task_and_its_log(cluster, data, tmp_path):  # noqa: F811
+    from sigscale.curation.manifest import load_manifest
+
+    tasks = [ArrayTask("good", load_manifest, (data[0] / "manifest.json",)),
+             ArrayTask("bad", load_manifest, (tmp_path / "missing" / "manifest.json",))]
+    sub = submit_array(tmp_path / "run", "check", tasks, "slurm", ONE_CPU)
+    with pytest.raises(JobFailedError) as err:
+        wait(sub, poll_s=1, timeout_s=180)
+    bad = sub.jobs[1]
+    msg = str(err.value)
+    assert f"check task 'bad' (job {bad.job_id}) failed: " in msg and "ManifestError" in msg
+    log = bad.paths.stderr
+    assert msg.endswith(f"full traceback in {log}") and "missing/manifest.json" in log.read_text()
+    wait(Submission(sub.run_dir, "check", "slurm", sub.folder, ["good"], [sub.jobs[0]]), timeout_s=120)
+    assert is_done(tmp_path / "run", "good") and not is_done(tmp_path / "run", "bad")
+    # a resubmission would run only the failed task
+    dry = submit_array(tmp_path / "run", "check", tasks, "slurm", ONE_CPU, dry_run=True)
+    assert dry.names == ["bad"] and dry.skipped == ["good"]
+
+
+@slurm
+def test_status_shows_the_cap_and_cancel_stops_the_jobs(cluster, tmp_path, capsys):
+    run = tmp_path / "run"
+    tasks = [ArrayTask(f"sleep{i}", time.sleep, (600,)) for i in range(3)]
+    sub = submit_array(run, "sleep", tasks, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=1))
+    deadline = time.time() + 60
+    while sorted(r["state"] for r in status(run)) != ["PENDING", "PENDING", "RUNNING"]:
+        assert time.time() < deadline, status(run)
+        time.sleep(1)
+    time.sleep(3)  # two scheduler passes later, the cap still holds one task back per running one
+    assert sorted(r["state"] for r in status(run)) == ["PENDING", "PENDING", "RUNNING"]
+    assert main(["status", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert all(job_id in table for job_id in sub.job_ids) and "RUNNING" in table and str(sub.folder) in table
+    assert main(["cancel"]) == 0  # without RUN: the most recently submitted run
+    assert capsys.readouterr().out.startswith(f"{run}: cancelled ")
+    deadline = time.time() + 60
+    while {r["state"] for r in status(run)} != {"CANCELLED"}:
+        assert time.time() < deadline, status(run)
+        time.sleep(1)
+    with pytest.raises(JobFailedError, match=r"ended in state CANCELLED without a result; see its log .*_log.err"):
+        wait(sub, timeout_s=30)
+    assert main(["cancel", str(run)]) == 0
+    assert "no unfinished job to cancel" in capsys.readouterr().out
+
+
+@pytest.mark.multiproc
+def test_local_cluster_runs_the_same_two_task_job(data, reference, tmp_path, monkeypatch):  # noqa: F811
+    """`--cluster local`: submitit's local executor, same TrainJob, same numbers, no Slurm needed."""
+    monkeypatch.setenv("SIGSCALE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    sub = submit_train(tiny(data, run), "local", Resources(tasks_per_node=2, time_min=60))
+    results = wait(sub, poll_s=0.5, timeout_s=300)
+    assert results[0]["final_weights"] == str(run / "model.safetensors")
+    assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in sub.folder.glob("*_log.out")) == [f"{sub.job_ids[0]}_{r}_log.out" for r in (0, 1)]
