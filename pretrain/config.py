@@ -132,6 +132,7 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite_steps: int = 5
     out_dir: str = "runs/default"
+    peak_tflops: Optional[float] = None  # per device, for the logged MFU; None: known GPUs only
     # Fine-tuning and locked-image tuning (SigLIP paper §4, LiT: Zhai et al. 2022).
     init_from: str = ""  # sigscale run dir, HF SiglipModel dir or open_clip state dict
     init_towers: List[str] = field(default_factory=lambda: ["vision", "text"])  # taken from init_from

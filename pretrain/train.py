@@ -44,18 +44,35 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> torch.Tensor:
+def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's loss and its (mean positive logit, mean negative logit); NaNs for softmax."""
     if cfg.train.loss == "softmax":
-        return softmax_loss(img, txt, scale, group=group, validate=False)
+        nan = torch.full((2,), float("nan"), device=img.device)
+        return softmax_loss(img, txt, scale, group=group, validate=False), nan
     # No per-step validation: the engine guarantees shapes, and a non-finite loss is handled by the
     # skip-then-stop policy in train() rather than raised from inside the loss.
-    return chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
-                                validate=False)
+    loss, stats = chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
+                                       validate=False, return_stats=True)
+    return loss, torch.stack([stats["pos_logit"], stats["neg_logit"]]).float()
+
+
+# Dense bf16 peak of one device, for MFU (vendor datasheets). Others: set train.peak_tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "GH200": 989.0}
+
+
+def peak_tflops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 @dataclass
 class StepStats:
     loss: torch.Tensor  # this rank's share; the mean over ranks is the global-batch loss
+    logits: torch.Tensor  # this rank's mean positive and negative logit
     t: float  # temperature exp(t') and bias b, read before the update
     b: float
     grad_norm: float = float("nan")
@@ -74,9 +91,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     """
     if len(micro_batches) == 1:
         img, txt, scale, bias = model(*micro_batches[0])
-        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+        loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
         # Read now: FSDP frees the unsharded t', b once backward is done with them.
-        stats = StepStats(loss.detach().clone(), math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
+        stats = StepStats(loss.detach().clone(), logits, math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         backward(model, loss)
@@ -87,8 +104,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         txt = torch.cat([c[1] for c in cached]).requires_grad_()
         scale = cached[0][2].detach().clone().requires_grad_()
         bias = cached[0][3].detach().clone().requires_grad_()
-        loss = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        stats = StepStats(loss.detach().clone(), math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
+        loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+        stats = StepStats(loss.detach().clone(), logits, math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         loss.backward()  # gradients w.r.t. the cached embeddings, t and b only
@@ -209,6 +226,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     # The text vocabulary follows the tokenizer.
     model, pretrained = build_model(cfg, info, tokenizer.vocab_size)
     flops = tower_flops_per_sample(resolve_model_config(cfg.model, text_vocab_size=tokenizer.vocab_size))
+    peak = peak_tflops(cfg.train, info.device)
     opt = build_optimizer(model, cfg.train, pretrained)
     sched = build_schedule(opt, cfg.train)
     if uses_deepspeed(cfg.train, info):
@@ -294,18 +312,23 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
             continue
         bad_steps = 0
         sched.step()
-        global_loss = stats.loss
+        # Each rank holds its share of the loss and its mean logits; the mean over ranks is the global value.
+        summary = torch.cat([stats.loss.view(1).float(), stats.logits])
         if info.world_size > 1:
-            dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
-        result.losses.append(global_loss.item())
+            dist.all_reduce(summary, op=dist.ReduceOp.AVG)
+        global_loss, pos_logit, neg_logit = summary.tolist()
+        result.losses.append(global_loss)
         if metrics and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
             now = time.perf_counter()
             images_per_s = cfg.train.batch_size * (1 if step == 0 else cfg.train.log_every) / (now - t_last)
             t_last = now
+            # Model FLOPs (fwd + 2x for bwd); recomputation and the accumulation re-run are not counted.
+            tflops = images_per_s * 3 * (flops["vision"] + flops["text"]) / 1e12
             record = {
                 "step": step, "loss": result.losses[-1], "t": stats.t, "b": stats.b, "lr": sched.get_last_lr()[0],
-                "grad_norm": stats.grad_norm, "images_per_s": images_per_s,
-                "tflops_per_s": images_per_s * 3 * (flops["vision"] + flops["text"]) / 1e12,
+                "pos_logit": pos_logit, "neg_logit": neg_logit,
+                "grad_norm": stats.grad_norm, "images_per_s": images_per_s, "tflops_per_s": tflops,
+                "mfu": tflops / (peak * info.world_size) if peak else None,
                 "skipped": dict(skipped),
             }
             metrics.write(json.dumps(record) + "\n")

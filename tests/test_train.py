@@ -102,8 +102,12 @@ def test_single_process_run_learns_logs_and_keeps_last_checkpoints(tmp_path, dat
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000018", "step_00000024"]
     assert (tmp_path / "run" / "model.safetensors").is_file()
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss", "t", "b", "lr", "grad_norm", "images_per_s", "tflops_per_s"):
+    for key in ("loss", "t", "b", "lr", "pos_logit", "neg_logit", "grad_norm", "images_per_s", "tflops_per_s", "mfu"):
         assert key in row
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["t"] == pytest.approx(10.0) and first["b"] == pytest.approx(-10.0)  # SigLIP init, logged as t = exp(t')
+    assert row["pos_logit"] > row["neg_logit"]  # it learned to tell pairs apart
+    assert row["mfu"] is None  # no known peak on CPU
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
