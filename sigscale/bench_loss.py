@@ -33,20 +33,15 @@ QUICK = dict(world_sizes=(1, 2), batch_sizes=(64,), dim=32, repeats=1)
 
 def peak_tensor_bytes(fn: Callable[[], Any]) -> Tuple[Any, int]:
     """Run ``fn`` under the torch profiler; return its result and the peak of bytes allocated minus freed."""
-    from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from sigscale.bench_memory import profiled_peak
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's "no GPU" error lines on CPU machines
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return result, peak
+    return result, profiled_peak(prof)
 
 
 def _naive_allgather(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,

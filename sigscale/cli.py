@@ -88,6 +88,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
         return 0
+    if args.what == "train":
+        from sigscale.bench_train import render_markdown as render_train, run_train_bench
+
+        kwargs = dict(out_json=args.out or "bench_results/train.json", quick=args.quick, capped=args.capped)
+        if args.config:
+            kwargs["config"] = args.config
+        if args.world_sizes:
+            kwargs["world"] = int(args.world_sizes.split(",")[0])
+        if args.batch_sizes:
+            kwargs["batch"] = int(args.batch_sizes.split(",")[0])
+        for key in ("repeats", "steps"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
+        if args.strategies:
+            kwargs["strategies"] = tuple(args.strategies.split(","))
+        print(render_train(run_train_bench(**kwargs)))
+        return 0
+    if args.what == "memory":
+        from sigscale.bench_memory import render_markdown as render_memory, run_memory_bench
+
+        kwargs = dict(out_json=args.out or "bench_results/memory.json", quick=args.quick)
+        if args.config:
+            kwargs["config"] = args.config
+        if args.world_sizes:
+            kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
+        if args.batch_sizes:
+            kwargs["batch"] = int(args.batch_sizes.split(",")[0])
+        if args.steps is not None:
+            kwargs["steps"] = args.steps
+        if args.strategies:
+            kwargs["strategies"] = tuple(args.strategies.split(","))
+        print(render_memory(run_memory_bench(**kwargs)))
+        return 0
+    if args.what == "curation":
+        from sigscale.curation.bench import run_curation_bench
+
+        print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
+        return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -131,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["loss", "tokenizer"])
+    b.add_argument("what", choices=["loss", "tokenizer", "train", "memory", "curation"])
     b.add_argument("--out", help="JSON path to write")
     b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
@@ -141,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int)
     b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
     b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
+    b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
+    b.add_argument("--strategies",
+                   help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
+    b.add_argument("--capped", action="store_true",
+                   help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
 
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
     d.add_argument("--out", default="demo_out")
