@@ -255,6 +255,10 @@ def write_report(records: List[Dict[str, Any]], out_dir: Path, title: str = "sig
     (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     intro = (f"{len(records)} checkpoint(s); benchmarks: "
              f"{', '.join(sorted({b for r in records for b in r.get('benchmarks', {})}))}; generated {doc['created']}.")
+    data = (job or {}).get("curation")
+    if data:  # where the training data came from, next to what it produced
+        drops = ", ".join(f"{k} {v}" for k, v in data.get("dropped", {}).items())
+        intro += f" Trained on {data['kept']} curated pairs of {data['rows']} URL-list rows (dropped: {drops or 'none'})."
     paths = _write_pages(out, "report", title, _tables(records), report_plots(records, curves), intro)
     return {"json": out / "report.json", **paths}
 

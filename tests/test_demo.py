@@ -47,7 +47,9 @@ def test_quick_demo_learns_far_above_chance_and_writes_the_report(tmp_path):
     losses = [json.loads(l)["loss"] for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 3
 
+    html = html_path.read_text(encoding="utf-8")
+    assert f"Trained on {stats['kept']} curated pairs of 4096 URL-list rows" in html
     page = _Images()
-    page.feed(html_path.read_text(encoding="utf-8"))
+    page.feed(html)
     assert page.tables >= 2 and len(page.srcs) >= 3
     assert all(src.startswith("data:image/png;base64,") for src in page.srcs)
