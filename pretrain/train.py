@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -93,7 +92,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         img, txt, scale, bias = model(*micro_batches[0])
         loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
         # Read now: FSDP frees the unsharded t', b once backward is done with them.
-        stats = StepStats(loss.detach().clone(), logits, math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
+        stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         backward(model, loss)
@@ -105,7 +104,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         scale = cached[0][2].detach().clone().requires_grad_()
         bias = cached[0][3].detach().clone().requires_grad_()
         loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        stats = StepStats(loss.detach().clone(), logits, math.exp(scale.item()), bias.item(), finite=_all_finite(loss, info))
+        stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(), finite=_all_finite(loss, info))
         if not stats.finite:
             return stats
         loss.backward()  # gradients w.r.t. the cached embeddings, t and b only
