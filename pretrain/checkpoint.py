@@ -24,13 +24,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sigscale.pretrain.config import ConfigError
+from sigscale.pretrain.sharding import is_deepspeed
 
 COMPLETE = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"
-
-
-def _is_deepspeed(model: nn.Module) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def _barrier() -> None:
@@ -69,7 +66,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if _is_deepspeed(model):
+    if is_deepspeed(model):
         model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -101,10 +98,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     saved_world = len(list(path.glob("rank_*.pt")))
     world = dist.get_world_size() if dist.is_initialized() else 1
     written_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
-    if written_by_deepspeed != _is_deepspeed(model):
+    if written_by_deepspeed != is_deepspeed(model):
         raise ConfigError(
             f"{path} was written by {'DeepSpeed' if written_by_deepspeed else 'FSDP/DDP (DCP)'} but this run uses "
-            f"{'DeepSpeed' if _is_deepspeed(model) else 'FSDP/DDP'}; resume with the strategy that wrote it, "
+            f"{'DeepSpeed' if is_deepspeed(model) else 'FSDP/DDP'}; resume with the strategy that wrote it, "
             "or start a new train.out_dir"
         )
     if written_by_deepspeed:

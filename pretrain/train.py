@@ -88,14 +88,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     micro-batch at a time and backpropagate those embedding gradients. The gradient equals the
     full-batch gradient; activation memory is that of one micro-batch.
     """
+    cached = None
     if len(micro_batches) == 1:
         img, txt, scale, bias = model(*micro_batches[0])
-        loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        # Read now: FSDP frees the unsharded t', b once backward is done with them.
-        stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(), finite=_all_finite(loss, info))
-        if not stats.finite:
-            return stats
-        backward(model, loss)
     else:
         with torch.no_grad():
             cached = [model(pixels, tokens) for pixels, tokens in micro_batches]
@@ -103,10 +98,15 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
         txt = torch.cat([c[1] for c in cached]).requires_grad_()
         scale = cached[0][2].detach().clone().requires_grad_()
         bias = cached[0][3].detach().clone().requires_grad_()
-        loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
-        stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(), finite=_all_finite(loss, info))
-        if not stats.finite:
-            return stats
+    loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
+    # Read now: FSDP frees the unsharded t', b once backward is done with them.
+    stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(),
+                      finite=not _any_rank(not torch.isfinite(loss).item(), info))
+    if not stats.finite:  # every rank agrees to skip, or ranks would diverge
+        return stats
+    if cached is None:
+        backward(model, loss)
+    else:
         loss.backward()  # gradients w.r.t. the cached embeddings, t and b only
         start = 0
         for j, (pixels, tokens) in enumerate(micro_batches):
@@ -125,15 +125,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     return stats
 
 
-def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
-    """Every rank must agree to skip a step, or ranks would diverge."""
-    flag = torch.tensor([float(torch.isfinite(loss).item())], device=loss.device)
-    if info.world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
     t = torch.tensor([float(flag)], device=info.device)
     if info.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -182,17 +175,17 @@ def build_model(cfg: ExperimentConfig, info: DistInfo, vocab_size: int) -> Tuple
     """
     torch.manual_seed(cfg.train.seed)
     meta = cfg.train.strategy == "fsdp" and info.world_size > 1
-    full, pretrained = {}, set()
+    pretrained: Set[str] = set()
     if not meta or info.is_main:
         model = create_model(cfg.model, text_vocab_size=vocab_size)
         if cfg.train.init_from:
             pretrained = load_pretrained(model, cfg.train)
-        full = model.state_dict()
     if meta:
+        full = model.state_dict() if info.is_main else {}
         model = create_model(cfg.model, device="meta", text_vocab_size=vocab_size)
     for name, param in model.named_parameters():
         param.requires_grad_(tower_of(name) not in cfg.train.freeze)
-    if meta and info.world_size > 1:
+    if meta:
         # Every rank needs the same set of pretrained names for its optimizer groups.
         names = [sorted(pretrained)]
         dist.broadcast_object_list(names, src=0)
@@ -274,9 +267,10 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         if info.is_main:
             with open(run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": done, "eval": results}) + "\n")
-            for name, value in headline({"benchmarks": results}).items():
+            numbers = headline({"benchmarks": results})
+            for name, value in numbers.items():
                 tb.add_scalar(f"eval/{name.replace(' ', '/')}", value, done)
-            line = "  ".join(f"{k} {v:.1f}" for k, v in headline({"benchmarks": results}).items())
+            line = "  ".join(f"{k} {v:.1f}" for k, v in numbers.items())
             bar.write(f"eval @ {done}: {line}") if bar else print(f"eval @ {done}: {line}", flush=True)
 
     def checkpoint(done: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -122,3 +123,22 @@ def brute_force_recall(img, txt, owner: List[int], k: int):
         order = sorted(range(img.shape[0]), key=lambda i: (-sim[i, j].item(), i == owner[j]))
         t2i.append(owner[j] in order[:k])
     return 100 * sum(i2t) / len(i2t), 100 * sum(t2i) / len(t2i)
+
+
+class ReportPage(HTMLParser):
+    """The <img> sources and the number of tables of a report page."""
+
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.tables = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+        self.tables += tag == "table"
+
+
+def parse_html(path: Path) -> ReportPage:
+    page = ReportPage()
+    page.feed(Path(path).read_text(encoding="utf-8"))
+    return page

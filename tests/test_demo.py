@@ -3,20 +3,10 @@ training over 2 processes, evaluation, and a report that shows the model really 
 import json
 import subprocess
 import sys
-from html.parser import HTMLParser
 
 import pytest
 
-
-class _Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.srcs, self.tables = [], 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.srcs.append(dict(attrs).get("src", ""))
-        self.tables += tag == "table"
+from eval_fixtures import parse_html
 
 
 @pytest.mark.slow
@@ -47,9 +37,7 @@ def test_quick_demo_learns_far_above_chance_and_writes_the_report(tmp_path):
     losses = [json.loads(l)["loss"] for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 3
 
-    html = html_path.read_text(encoding="utf-8")
-    assert f"Trained on {stats['kept']} curated pairs of 4096 URL-list rows" in html
-    page = _Images()
-    page.feed(html)
+    assert f"Trained on {stats['kept']} curated pairs of 4096 URL-list rows" in html_path.read_text(encoding="utf-8")
+    page = parse_html(html_path)
     assert page.tables >= 2 and len(page.srcs) >= 3
     assert all(src.startswith("data:image/png;base64,") for src in page.srcs)

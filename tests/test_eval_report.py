@@ -1,12 +1,11 @@
 """`sigscale eval` on a real tiny training run (DCP step checkpoints + final weights) and the reports it writes."""
 import base64
 import json
-from html.parser import HTMLParser
 
 import pytest
 import torch
 
-from eval_fixtures import tokenizer_model, write_eval_shards, write_imagenet_val, write_xm3600
+from eval_fixtures import parse_html, tokenizer_model, write_eval_shards, write_imagenet_val, write_xm3600
 from sigscale.cli import main
 from sigscale.eval.report import ReportError, read_report
 from sigscale.pretrain.config import load_config
@@ -29,23 +28,6 @@ def data(tmp_path_factory):
     (imagenet / "templates.txt").write_text("a photo of a {}.\n{}\n")
     return {"root": root, "run": root / "run", "tok": tok, "shards": shards, "imagenet": imagenet,
             "xm": write_xm3600(root / "xm", n_images=8, languages=("en", "de", "ru", "zh", "ar"))}
-
-
-class Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.srcs, self.tables = [], 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.srcs.append(dict(attrs)["src"])
-        self.tables += tag == "table"
-
-
-def parse_html(path):
-    p = Images()
-    p.feed(path.read_text(encoding="utf-8"))
-    return p
 
 
 def test_cli_eval_over_training_steps_writes_json_markdown_html(data, capsys):
