@@ -229,28 +229,23 @@ def samples(n: int, seed: int = 0, languages: Sequence[str] = LANGUAGES) -> Iter
         yield scene, lang, caption(scene, lang, rng.randrange(3))
 
 
-def write_xm3600(out_dir: Path, n_images: int, seed: int = 1, size: int = 64,
-                 languages: Sequence[str] = LANGUAGES, captions_per_image: Tuple[int, int] = (1, 3)) -> Path:
-    """A held-out retrieval split in the Crossmodal-3600 layout: captions.jsonl + images/<key>.jpg.
+def xm3600_items(n_images: int, seed: int = 1, size: int = 64, languages: Sequence[str] = LANGUAGES,
+                 captions_per_image: Tuple[int, int] = (1, 3)) -> Iterator[Tuple[str, str, bytes, Dict[str, List[str]]]]:
+    """A held-out retrieval split for the Crossmodal-3600 layout: (key, locale, JPEG, captions per language).
 
-    Each line: {"image/key": KEY, "<lang>": {"caption": [...], "caption/tokenized": [...]}, ...},
-    as in the official XM3600 distribution.
+    ``sigscale.eval.xm3600.write_xm3600`` writes them as the official captions.jsonl + images/.
     """
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    with open(out_dir / "captions.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n_images):
-            scene = random_scene(rng)
-            key = f"{seed:02d}{i:08x}"
-            render(scene, size).save(out_dir / "images" / f"{key}.jpg", quality=92)
-            row: dict = {"image/key": key}
-            for lang in languages:
-                k = rng.randint(*captions_per_image)
-                caps = [caption(scene, lang, v) for v in rng.sample(range(3), k)]
-                row[lang] = {"caption": caps, "caption/tokenized": [c.lower() for c in caps]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return out_dir
+    for i in range(n_images):
+        scene = random_scene(rng)
+        key = f"{seed:02d}{i:08x}"
+        buf = io.BytesIO()
+        render(scene, size).save(buf, format="JPEG", quality=92)
+        captions = {}
+        for lang in languages:
+            k = rng.randint(*captions_per_image)
+            captions[lang] = [caption(scene, lang, v) for v in rng.sample(range(3), k)]
+        yield key, languages[i % len(languages)], buf.getvalue(), captions
 
 
 def write_image_folder(out_dir: Path, per_class: int, seed: int = 2, size: int = 64) -> Path:

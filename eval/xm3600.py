@@ -1,7 +1,12 @@
 """Crossmodal-3600 retrieval, per language, in the official file layout.
 
-``captions.jsonl`` has one line per image: ``{"image/key": KEY, "<lang>": {"caption": [...], ...}, ...}``
-and images live in ``images/<KEY>.jpg`` (Thapliyal et al. 2022, google.github.io/crossmodal-3600).
+``captions.jsonl`` has one line per image (Thapliyal et al. 2022, google.github.io/crossmodal-3600)::
+
+    {"image/key": KEY, "image/locale": "bn",
+     "<lang>": {"caption": [...], "caption/tokenized": [...], "caption/tokenized/lowercase": [...]}, ...}
+
+and images live in ``images/<KEY>.jpg``. ``image/locale`` is where the photo was taken, not a
+language: a language is an entry that holds captions (:func:`languages_in`).
 
 Protocol (SigLIP paper, Zhai et al. 2023, whose mSigLIP B/16 reaches 54.1 I→T / 42.6 T→I R@1 mean):
 all captions of a language; image→text is a hit when any of the image's captions is in the top k,
@@ -12,8 +17,9 @@ as CLIP_benchmark's ``crossmodal3600`` loader does; its numbers are not comparab
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +41,36 @@ PROTOCOLS = {
 
 class XM3600Error(EvalDataError):
     """The XM3600 folder is incomplete or malformed."""
+
+
+def _tokenized(caption: str) -> str:
+    # The official file's "caption/tokenized" splits punctuation off the words.
+    return " ".join(re.findall(r"\w+|[^\w\s]", caption))
+
+
+def record(key: str, locale: str, captions: Dict[str, List[str]]) -> dict:
+    """One ``captions.jsonl`` line with every field of the official file."""
+    row: dict = {"image/key": key, "image/locale": locale}
+    for lang, caps in captions.items():
+        tok = [_tokenized(c) for c in caps]
+        row[lang] = {"caption": list(caps), "caption/tokenized": tok, "caption/tokenized/lowercase": [t.lower() for t in tok]}
+    return row
+
+
+def write_xm3600(root: Path, items: Iterable[Tuple[str, str, bytes, Dict[str, List[str]]]]) -> Path:
+    """Write (key, locale, JPEG bytes, captions per language) items in the official XM3600 layout."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / "captions.jsonl", "w", encoding="utf-8") as f:
+        for key, locale, jpeg, captions in items:
+            (root / "images" / f"{key}.jpg").write_bytes(jpeg)
+            f.write(json.dumps(record(key, locale, captions), ensure_ascii=False) + "\n")
+    return root
+
+
+def languages_in(rows: List[dict]) -> List[str]:
+    """The languages of a caption file, sorted: entries holding a ``caption`` list (not ``image/*`` metadata)."""
+    return sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "caption" in v})
 
 
 def load_xm3600(root: Path) -> Tuple[List[str], List[Path], List[dict]]:
@@ -68,7 +104,7 @@ def load_xm3600(root: Path) -> Tuple[List[str], List[Path], List[dict]]:
 def captions_by_language(rows: List[dict], languages: Sequence[str], first_caption_only: bool,
                          source: Path) -> Dict[str, Tuple[List[str], List[int]]]:
     """Per language: the captions and, for each, the index of its image."""
-    present = sorted({k for r in rows for k in r if k != "image/key"})
+    present = languages_in(rows)
     out = {}
     for lang in languages:
         texts, owners = [], []
@@ -92,8 +128,7 @@ def evaluate_xm3600(model: nn.Module, tokenizer: Tokenizer, root: Path, language
     ``languages``: None evaluates every language in the file, sorted (the 36 of the official release).
     """
     _, paths, rows = load_xm3600(root)
-    present = sorted({k for r in rows for k in r if k != "image/key"})
-    languages = list(languages) if languages else present
+    languages = list(languages) if languages else languages_in(rows)
     caps = captions_by_language(rows, languages, first_caption_only, Path(root) / "captions.jsonl")
     # All languages' captions go through the text tower in one pass, then split.
     texts = [t for lang in languages for t in caps[lang][0]]

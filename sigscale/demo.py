@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from sigscale.curation import synthetic
+from sigscale.eval.xm3600 import write_xm3600
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     t0 = time.perf_counter()
 
     _stage("held-out evaluation sets: XM3600 layout (9 languages) and an ImageFolder of 24 classes")
-    xm = synthetic.write_xm3600(out / "heldout_xm3600", size.heldout, seed=1)
+    xm = write_xm3600(out / "heldout_xm3600", synthetic.xm3600_items(size.heldout, seed=1))
     cls = synthetic.write_image_folder(out / "heldout_classes", per_class=max(4, size.heldout // 24), seed=2)
 
     _stage(f"curate: {size.samples} URLs served from 127.0.0.1 (some broken, some near-duplicates) "

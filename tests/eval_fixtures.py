@@ -2,8 +2,9 @@
 
 - ImageNet val: synset folders ``n01440764/ILSVRC2012_val_00000001.JPEG`` (no class-names file).
 - A classification folder with ``classnames.txt`` (+ optional ``templates.txt``).
-- XM3600: ``captions.jsonl`` lines ``{"image/key": KEY, "<lang>": {"caption": [...], "caption/tokenized": [...]}}``
-  and ``images/<KEY>.jpg``; several scripts, 1-3 captions per image and language.
+- XM3600: ``captions.jsonl`` lines with ``image/key``, ``image/locale`` and per language ``caption``,
+  ``caption/tokenized``, ``caption/tokenized/lowercase`` (eval/xm3600.py ``record``), and ``images/<KEY>.jpg``;
+  several scripts, 1-3 captions per image and language.
 - webdataset shards (``.jpg``, ``.txt``, ``.json`` with language and class, ``.cls``) + manifest.json.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from sigscale.curation.manifest import write_shards
+from sigscale.eval import xm3600
 from sigscale.pretrain.tokenizer import train_tokenizer
 
 # Captions per colour in several scripts (Latin, Cyrillic, Han, Arabic, Devanagari, Thai, Japanese).
@@ -51,20 +53,18 @@ def image_bytes(color: str, seed: int, size: int = 32) -> bytes:
 
 def write_xm3600(root: Path, n_images: int = 12, languages: Sequence[str] = tuple(CAPTIONS), seed: int = 0,
                  size: int = 32) -> Path:
-    """Official XM3600 layout; each image gets 1-3 captions per language."""
+    """Official XM3600 layout (every field of the real file); each image gets 1-3 captions per language."""
     rng = random.Random(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    with open(root / "captions.jsonl", "w", encoding="utf-8") as f:
+
+    def items():
         for i in range(n_images):
             color = rng.choice(list(COLORS))
             key = f"{rng.getrandbits(64):016x}"
-            (root / "images" / f"{key}.jpg").write_bytes(image_bytes(color, seed * 1000 + i, size))
-            row: Dict = {"image/key": key}
-            for lang in languages:
-                caps = [v.format(CAPTIONS[lang][color]) for v in VARIANTS[: rng.randint(1, 3)]]
-                row[lang] = {"caption": caps, "caption/tokenized": [c.lower() for c in caps]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return root
+            captions = {lang: [v.format(CAPTIONS[lang][color]) for v in VARIANTS[: rng.randint(1, 3)]]
+                        for lang in languages}
+            yield key, languages[i % len(languages)], image_bytes(color, seed * 1000 + i, size), captions
+
+    return xm3600.write_xm3600(root, items())
 
 
 def write_imagenet_val(root: Path, per_class: int = 3, size: int = 32) -> Path:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from sigscale.curation import synthetic
+from sigscale.eval.xm3600 import write_xm3600
 from sigscale.curation.balance import balance, target_counts
 from sigscale.curation.config import BalanceConfig, CurationConfig, CurationError, ScoreConfig
 from sigscale.curation.image_filters import (
@@ -92,7 +93,7 @@ def test_hash_decodes_large_jpegs_at_reduced_size_consistently():
 
 def test_decontamination_drops_eval_images_and_keeps_the_rest(tmp_path):
     folder = synthetic.write_image_folder(tmp_path / "imagenet_val", per_class=2, seed=2)
-    xm = synthetic.write_xm3600(tmp_path / "xm3600", 24, seed=1)
+    xm = write_xm3600(tmp_path / "xm3600", synthetic.xm3600_items(24, seed=1))
     paths = eval_images([folder, xm])
     assert len(paths) == 48 + 24 and all(p.suffix == ".jpg" for p in paths)
     eval_h, eval_t, bad = hash_files(paths)

@@ -1,11 +1,14 @@
 """An imported tiny Hugging Face SiglipModel scores exactly what transformers computes on the same data."""
+import io
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from eval_fixtures import brute_force_recall, tokenizer_model, write_class_folder, write_xm3600
 from sigscale.eval.config import BenchmarkConfig
@@ -14,6 +17,7 @@ from sigscale.eval.imagenet import IMAGENET_TEMPLATES
 from sigscale.eval.run import evaluate, load_for_eval
 from sigscale.eval.xm3600 import load_xm3600
 from sigscale.eval.zeroshot import class_embeddings
+from sigscale.pretrain.data import preprocess_image
 
 SIZE, CTX = 32, 16
 
@@ -103,3 +107,24 @@ def test_imported_hf_model_evaluates_like_transformers(hf_dir, tmp_path):
             assert got[f"i2t_r@{k}"] == pytest.approx(i2t) and got[f"t2i_r@{k}"] == pytest.approx(t2i), (lang, k)
     mean = ours["xm3600"]["mean"]["t2i_r@1"]
     assert mean == pytest.approx(sum(ours["xm3600"]["languages"][l]["t2i_r@1"] for l in ("en", "ru", "zh", "hi")) / 4)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (768, 1024), (333, 500)])
+def test_eval_pixels_equal_transformers_siglip_processor_on_real_size_jpegs(shape):
+    """Eval decodes the full JPEG and resizes as transformers does, not at PIL's reduced draft scale."""
+    rng = np.random.default_rng(shape[0])
+    arr = rng.normal(128, 60, (*shape, 3)).clip(0, 255).astype(np.uint8)
+    arr[shape[0] // 4: shape[0] // 2, shape[1] // 3: shape[1] // 2] = (200, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    ours = preprocess_image(data, 224)
+    pil = SiglipImageProcessorPil()(images=[Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
+    assert torch.allclose(ours, pil, atol=1e-6, rtol=0)
+    # transformers' default (torchvision) backend rounds its bicubic uint8 resize differently: one level at most.
+    tv = SiglipImageProcessor()(images=[Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
+    diff = (ours - tv).abs()
+    assert diff.max() <= 2 / 255 + 1e-6 and diff.mean() < 1e-3
+    # The training fast path (reduced-scale JPEG decode from twice the tower size) is what eval must not use.
+    if min(shape) >= 2 * 224:
+        assert (preprocess_image(data, 224, fast=True) - pil).abs().max() > 0.1

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval_fixtures import brute_force_recall, write_class_folder, write_imagenet_val, write_xm3600
+from eval_fixtures import brute_force_recall, tokenizer_model, write_class_folder, write_imagenet_val, write_xm3600
 from sigscale.eval.config import BenchmarkConfig, load_eval_config, validate_benchmarks, validate_job
 from sigscale.eval.imagenet import CLIP_TEMPLATES, IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, IMAGENET_WNIDS
 from sigscale.eval.retrieval import recall_at_k
-from sigscale.eval.xm3600 import XM3600Error, captions_by_language, load_xm3600
+from sigscale.eval.xm3600 import XM3600Error, captions_by_language, evaluate_xm3600, languages_in, load_xm3600, record
 from sigscale.eval.zeroshot import ZeroShotError, canonicalize_prompt, load_image_folder, prompts, topk_accuracy
 from sigscale.pretrain.config import ConfigError
+from sigscale.pretrain.tokenizer import Tokenizer
+from sigscale.pretrain.towers import create_model
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -98,6 +100,39 @@ def test_xm3600_languages_and_caption_protocols(tmp_path):
         assert first[lang] == ([r[lang]["caption"][0] for r in rows], list(range(6)))
     with pytest.raises(XM3600Error, match=r"language 'fil' has no captions .*languages present: \['ar', 'en', 'zh'\]"):
         captions_by_language(rows, ["en", "fil"], False, root)
+
+
+# One line as the official captions.jsonl has it (google.github.io/crossmodal-3600): the key, the
+# locale where the photo was taken, and per language the captions in three spellings.
+OFFICIAL_LINE = {
+    "image/key": "000411001ff7dd4f", "image/locale": "bn",
+    "en": {"caption": ["A Bengali woman in a red sari.", "A woman standing in front of a house."],
+           "caption/tokenized": ["A Bengali woman in a red sari .", "A woman standing in front of a house ."],
+           "caption/tokenized/lowercase": ["a bengali woman in a red sari .", "a woman standing in front of a house ."]},
+    "de": {"caption": ["Eine Frau in einem roten Sari."], "caption/tokenized": ["Eine Frau in einem roten Sari ."],
+           "caption/tokenized/lowercase": ["eine frau in einem roten sari ."]},
+}
+
+
+def test_xm3600_official_line_locale_is_not_a_language(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "000411001ff7dd4f.jpg").write_bytes(b"")
+    (tmp_path / "captions.jsonl").write_text(json.dumps(OFFICIAL_LINE) + "\n", encoding="utf-8")
+    _, _, rows = load_xm3600(tmp_path)
+    assert languages_in(rows) == ["de", "en"]
+    caps = captions_by_language(rows, languages_in(rows), False, tmp_path)
+    assert caps["en"] == (OFFICIAL_LINE["en"]["caption"], [0, 0])
+    # The fixtures write every field of the official file.
+    assert record("000411001ff7dd4f", "bn", {k: OFFICIAL_LINE[k]["caption"] for k in ("en", "de")}) == OFFICIAL_LINE
+
+
+def test_xm3600_evaluates_every_caption_language_of_a_full_format_file(tmp_path):
+    root = write_xm3600(tmp_path / "xm", n_images=5, languages=("en", "ru", "th"))
+    assert all("image/locale" in json.loads(l) for l in (root / "captions.jsonl").read_text().splitlines())
+    tok = Tokenizer(tokenizer_model(tmp_path / "tok.model"), context_length=16)
+    model = create_model("tiny", text_vocab_size=tok.vocab_size)
+    res = evaluate_xm3600(model, tok, root)
+    assert sorted(res["languages"]) == ["en", "ru", "th"] and res["missing_official_languages"][:1] == ["ar"]
 
 
 def test_image_folder_layouts_and_errors(tmp_path):
