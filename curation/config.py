@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from sigscale import CONFIG_DIR
-from sigscale.errors import SigscaleError
-from sigscale.pretrain.config import ConfigError, _choice, _explain, _load_yaml, config_hash
+from sigscale.core import config as core_config
+from sigscale.core.config import ConfigError, choice, config_hash
+from sigscale.core.errors import SigscaleError
+from sigscale.curation.langid import known_languages
 
 
 class CurationError(SigscaleError, ValueError):
@@ -136,31 +134,9 @@ class CurationConfig:
         return Path(self.output.dir) / "work"
 
 
-def _resolve_path(path: str | Path) -> Path:
-    p = Path(path)
-    for candidate in (p, CONFIG_DIR / "curation" / p, CONFIG_DIR / p):
-        for c in (candidate, candidate.with_name(candidate.name + ".yaml")):
-            if c.is_file():
-                return c
-    raise ConfigError(
-        f"curation config {path} does not exist; give a YAML path or a name from {CONFIG_DIR / 'curation'}"
-    )
-
-
 def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
-    """Load a curation YAML (with its composed parts) plus dot-list overrides, validated."""
-    source = str(path) if path else "<defaults>"
-    node = _load_yaml(_resolve_path(path)) if path else OmegaConf.create()
-    try:
-        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}; use key.sub=value") from e
-    if overrides:
-        source += " + overrides"
-    try:
-        cfg: CurationConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CurationConfig), node))
-    except OmegaConfBaseException as e:
-        raise _explain(e, source, CurationConfig) from None
+    """Load a curation YAML (a path or a name in configs/curation/) plus dot-list overrides, validated."""
+    cfg = core_config.load(CurationConfig, path, overrides, folders=("curation",))
     validate(cfg)
     return cfg
 
@@ -177,16 +153,14 @@ def validate(cfg: CurationConfig) -> None:
         raise ConfigError("input.path is empty; set it to a URL list file or folder (input.path=urls.parquet)")
     if not o.dir:
         raise ConfigError("output.dir is empty; set it to the folder for shards and manifest (output.dir=curated)")
-    _choice(i.format, FORMATS, "input.format")
-    _choice(d.resize_mode, RESIZE_MODES, "download.resize_mode")
-    _choice(b.mode, BALANCE_MODES, "balance.mode")
+    choice(i.format, FORMATS, "input.format")
+    choice(d.resize_mode, RESIZE_MODES, "download.resize_mode")
+    choice(b.mode, BALANCE_MODES, "balance.mode")
     if not i.url_col or not i.caption_col:
         raise ConfigError("input.url_col and input.caption_col must name columns of the URL list")
     if t.trust_language_col and not i.language_col:
         raise ConfigError("text.trust_language_col=true needs input.language_col; name the column or detect languages")
     if t.languages or t.language_thresholds:
-        from sigscale.curation.text_filters import known_languages
-
         known = known_languages()
         unknown = sorted((set(t.languages) | set(t.language_thresholds)) - known)
         if unknown:
@@ -257,7 +231,3 @@ def part_config_hash(cfg: CurationConfig) -> str:
     return config_hash({"input": dataclasses.asdict(cfg.input), "text": dataclasses.asdict(cfg.text),
                         "download": download, "image": image,
                         "rows_per_part": cfg.output.rows_per_part})
-
-
-def to_yaml(cfg: CurationConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

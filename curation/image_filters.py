@@ -27,7 +27,11 @@ from PIL import Image
 
 from sigscale.curation.config import ImageConfig
 
-IMAGE_REASONS = ("image_too_small", "image_aspect", "image_bytes", "image_decode")
+IMAGE_TOO_SMALL = "image_too_small"
+IMAGE_ASPECT = "image_aspect"
+IMAGE_BYTES = "image_bytes"
+IMAGE_DECODE = "image_decode"
+IMAGE_REASONS = (IMAGE_TOO_SMALL, IMAGE_ASPECT, IMAGE_BYTES, IMAGE_DECODE)
 THUMB = 16
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ALL_PAIRS_MAX = 400_000_000
@@ -194,17 +198,17 @@ def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig) -> T
             data = sample["jpg"]
             reason = None
             if min(ow, oh) < cfg.min_side:
-                reason = "image_too_small"
+                reason = IMAGE_TOO_SMALL
             elif max(ow, oh) / max(1, min(ow, oh)) > cfg.max_aspect:
-                reason = "image_aspect"
+                reason = IMAGE_ASPECT
             elif len(data) < cfg.min_bytes or (cfg.max_bytes and len(data) > cfg.max_bytes):
-                reason = "image_bytes"
+                reason = IMAGE_BYTES
             else:
                 try:
                     phash, thumb = hash_image(data)
                     meta = json.loads(sample.get("json", b"{}"))
                 except (OSError, ValueError, Image.DecompressionBombError):
-                    reason = "image_decode"
+                    reason = IMAGE_DECODE
             if reason:
                 drops.append((row, reason))
                 continue

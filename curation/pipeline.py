@@ -25,12 +25,24 @@ from typing import Dict, Iterator, List
 import numpy as np
 import pandas as pd
 
+from sigscale.core.config import config_hash
+from sigscale.core.manifest import write_shards
+from sigscale.curation.balance import balance
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
-from sigscale.pretrain.config import config_hash
+from sigscale.curation.download import DOWNLOAD_REASONS, download
+from sigscale.curation.image_filters import (IMAGE_REASONS, check_images, contaminated, eval_images, hash_files,
+                                            near_duplicates)
+from sigscale.curation.report import write_report
+from sigscale.curation.sources import list_files, read_url_list
+from sigscale.curation.text_filters import TEXT_REASONS, filter_text, normalize_and_dedup
 
 PLAN = "plan.json"
 DONE = "done.json"
 OUTCOMES = "outcomes.parquet"  # one line per input row: row, reason (null: kept)
+# Drop reasons of the finalize step; with the text, download and image stages' these are every reason there is.
+EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE = "eval_duplicate", "near_duplicate", "low_score", "balance"
+FINALIZE_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE)
+DROP_REASONS = TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
          "thumb", "score"]
@@ -56,7 +68,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _fingerprint(cfg: CurationConfig) -> dict:
-    from sigscale.curation.sources import list_files
 
     files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in list_files(cfg.input)]
     return {"files": files, "input": asdict(cfg.input), "rows_per_part": cfg.output.rows_per_part}
@@ -72,8 +83,7 @@ def _part_dir(cfg: CurationConfig, part: Part) -> Path:
 
 def plan_parts(cfg: CurationConfig) -> List[Part]:
     """Split the URL list into parts (reusing an existing plan of the same input); see module doc."""
-    from sigscale.curation.sources import read_url_list
-    from sigscale.curation.text_filters import normalize_and_dedup
+
 
     work = cfg.work_dir
     plan_path = work / PLAN
@@ -112,9 +122,8 @@ def plan_parts(cfg: CurationConfig) -> List[Part]:
 
 def run_part(cfg: CurationConfig, part: Part) -> Path:
     """Curate one part into work/parts/<name> (idempotent: a finished part is skipped)."""
-    from sigscale.curation.download import download
-    from sigscale.curation.image_filters import check_images
-    from sigscale.curation.text_filters import filter_text
+
+
 
     final = _part_dir(cfg, part)
     want = part_config_hash(cfg)
@@ -189,8 +198,7 @@ def short_side_histogram(short_sides) -> Dict[str, int]:
 
 def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
     """Drop reason per candidate (None: kept) from the merge-time filters, in order."""
-    from sigscale.curation.balance import balance
-    from sigscale.curation.image_filters import contaminated, eval_images, hash_files, near_duplicates
+
 
     im = cfg.image
     reason = pd.Series(None, index=meta.index, dtype=object)
@@ -204,21 +212,21 @@ def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
         if bad:
             print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
         threshold = max(im.phash_threshold, 0)  # near-duplicate removal off still leaves exact pHash matches
-        reason[contaminated(hashes, thumbs, eval_hashes, eval_thumbs, threshold, im.thumb_max_diff)] = "eval_duplicate"
+        reason[contaminated(hashes, thumbs, eval_hashes, eval_thumbs, threshold, im.thumb_max_diff)] = EVAL_DUPLICATE
     alive = reason.isna().to_numpy()
     dup = near_duplicates(hashes[alive], thumbs[alive], im.phash_threshold, im.thumb_max_diff)
-    reason[np.flatnonzero(alive)[dup]] = "near_duplicate"
+    reason[np.flatnonzero(alive)[dup]] = NEAR_DUPLICATE
     score = meta["score"].to_numpy(np.float64)
     if im.score.min_score is not None:
-        reason[(score < im.score.min_score) & reason.isna().to_numpy()] = "low_score"
+        reason[(score < im.score.min_score) & reason.isna().to_numpy()] = LOW_SCORE
     if im.score.top_fraction is not None:
         alive = np.flatnonzero(reason.isna().to_numpy())
         keep = math.ceil(im.score.top_fraction * len(alive))
         order = alive[np.lexsort((meta["row"].to_numpy()[alive], -score[alive]))]  # ties: earlier row first
-        reason[order[keep:]] = "low_score"
+        reason[order[keep:]] = LOW_SCORE
     alive = np.flatnonzero(reason.isna().to_numpy())
     keep = balance(meta["language"].to_numpy(object)[alive], cfg.balance)
-    reason[alive[~keep]] = "balance"
+    reason[alive[~keep]] = BALANCE
     return reason
 
 
@@ -240,8 +248,7 @@ def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator
 
 def finalize(cfg: CurationConfig) -> Path:
     """Merge finished parts into shards, manifest.json, stats.json, captions.txt and report.md."""
-    from sigscale.curation.manifest import write_shards
-    from sigscale.curation.report import write_report
+
 
     plan_path = cfg.work_dir / PLAN
     if not plan_path.is_file():
@@ -282,6 +289,9 @@ def finalize(cfg: CurationConfig) -> Path:
     if cfg.output.corpus:
         (out / "captions.txt").write_text("".join(c + "\n" for c in kept["caption"]), encoding="utf-8")
     dropped = Counter(drops["reason"])
+    unknown = set(dropped) - set(DROP_REASONS)
+    if unknown:  # a stage invented a reason without declaring it: stats would not be comparable across runs
+        raise RuntimeError(f"undeclared drop reasons {sorted(unknown)}; add them to their stage's *_REASONS")
     text_s = sum(d["text_seconds"] for d in done)
     download_s = sum(d["download_seconds"] for d in done)
     stats = {

@@ -8,7 +8,6 @@ pixels to words in every script rather than memorise strings. Generation is seed
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -265,7 +264,7 @@ def write_image_folder(out_dir: Path, per_class: int, seed: int = 2, size: int =
 
 
 def shard_records(n: int, seed: int = 0, size: int = 64, languages: Sequence[str] = LANGUAGES) -> Iterator[dict]:
-    """Generated samples in the shard record form of :func:`sigscale.curation.manifest.write_shards`."""
+    """Generated samples in the shard record form of :func:`sigscale.core.manifest.write_shards`."""
     for i, (scene, lang, text) in enumerate(samples(n, seed, languages)):
         yield {"key": f"{seed:03d}{i:09d}", "jpg": jpeg_bytes(render(scene, size)), "txt": text,
                "json": {"language": lang, "class": scene.class_name, "position": scene.position,

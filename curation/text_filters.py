@@ -13,26 +13,34 @@ languages together hold less than ``FOREIGN_MASS`` of the full model's probabili
 """
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 import socket
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
 from sigscale.curation.config import TextConfig
+from sigscale.curation.langid import identifier
 
 FOREIGN_MASS = 0.05
-TEXT_REASONS = (
-    "url_invalid", "caption_empty", "duplicate_url_caption", "blocked_domain", "blocked_pattern",
-    "caption_too_short", "caption_too_long", "language_not_allowed", "language_low_confidence",
-    "url_unresolvable", "url_private",
-)
+# Drop reasons of the text stage (stats.json counts each row under exactly one).
+URL_INVALID = "url_invalid"
+CAPTION_EMPTY = "caption_empty"
+DUPLICATE_URL_CAPTION = "duplicate_url_caption"
+BLOCKED_DOMAIN = "blocked_domain"
+BLOCKED_PATTERN = "blocked_pattern"
+CAPTION_TOO_SHORT = "caption_too_short"
+CAPTION_TOO_LONG = "caption_too_long"
+LANGUAGE_NOT_ALLOWED = "language_not_allowed"
+LANGUAGE_LOW_CONFIDENCE = "language_low_confidence"
+URL_UNRESOLVABLE = "url_unresolvable"
+URL_PRIVATE = "url_private"
+TEXT_REASONS = (URL_INVALID, CAPTION_EMPTY, DUPLICATE_URL_CAPTION, BLOCKED_DOMAIN, BLOCKED_PATTERN, CAPTION_TOO_SHORT, CAPTION_TOO_LONG, LANGUAGE_NOT_ALLOWED, LANGUAGE_LOW_CONFIDENCE, URL_UNRESOLVABLE, URL_PRIVATE)
 # Scripts written without spaces between words: Han, kana, Thai, Lao, Myanmar, Khmer.
 _NO_SPACE = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
 _TOKENS = re.compile(f"[{_NO_SPACE}]+|[^\\s{_NO_SPACE}]+")
@@ -61,25 +69,13 @@ def count_words(text: str) -> int:
     return n
 
 
-@functools.lru_cache(maxsize=1)
-def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
-def known_languages() -> Set[str]:
-    """Language codes the identifier can output."""
-    return set(_identifier().labels)
-
-
 def identify_languages(captions: Iterable[str], allowed: Iterable[str] = ()) -> Tuple[List[str], np.ndarray, np.ndarray]:
     """Per caption: best language (among ``allowed`` if given), its confidence, and the allowed mass.
 
     The confidence is the probability renormalised over the allowed languages; the mass is the
     full model's probability of all allowed languages together (1.0 without an allow-list).
     """
-    ident = _identifier()
+    ident = identifier()
     allowed = set(allowed)
     langs: List[str] = []
     confs, masses = [], []
@@ -133,7 +129,7 @@ def _resolve(host: str) -> Optional[List[ipaddress._BaseAddress]]:
 
 
 def host_verdicts(hosts: Iterable[str], cfg: TextConfig) -> Dict[str, Optional[str]]:
-    """Drop reason per host ("url_private", "url_unresolvable") or None when it may be fetched.
+    """Drop reason per host (URL_PRIVATE, URL_UNRESOLVABLE) or None when it may be fetched.
 
     Names are resolved here (in threads) so that hosts pointing into private, loopback or
     link-local ranges are refused before img2dataset connects; a name that resolves differently
@@ -152,10 +148,10 @@ def host_verdicts(hosts: Iterable[str], cfg: TextConfig) -> Dict[str, Optional[s
                 return None
             ips = _resolve(host)
             if not ips:
-                return "url_unresolvable"
+                return URL_UNRESOLVABLE
         for ip in ips:
             if not _is_public(ip) and not any(ip.version == n.version and ip in n for n in allowed):
-                return "url_private"
+                return URL_PRIVATE
         return None
 
     with ThreadPoolExecutor(32) as pool:
@@ -172,11 +168,11 @@ def normalize_and_dedup(df: pd.DataFrame) -> pd.Series:
     df["caption"] = [normalize_caption(c) for c in df["caption"]]
     hosts = [_host(u) for u in df["url"]]
     reason = pd.Series(None, index=df.index, dtype=object)
-    reason[[h is None for h in hosts]] = "url_invalid"
-    reason[df["caption"].isna() & reason.isna()] = "caption_empty"
+    reason[[h is None for h in hosts]] = URL_INVALID
+    reason[df["caption"].isna() & reason.isna()] = CAPTION_EMPTY
     url = df["url"].astype(str).str.strip()
     dup = pd.DataFrame({"u": url, "c": df["caption"]}).duplicated(keep="first")
-    reason[dup & reason.isna()] = "duplicate_url_caption"
+    reason[dup & reason.isna()] = DUPLICATE_URL_CAPTION
     return reason
 
 
@@ -187,15 +183,15 @@ def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.Dat
     if cfg.blocked_domains:
         blocked = [d.lower().strip(".") for d in cfg.blocked_domains]
         hit = hosts.map(lambda h: any(h == d or h.endswith("." + d) for d in blocked))
-        reason[hit & reason.isna()] = "blocked_domain"
+        reason[hit & reason.isna()] = BLOCKED_DOMAIN
     if cfg.blocked_patterns:
         rx = re.compile("|".join(f"(?:{p})" for p in cfg.blocked_patterns))
         hit = [bool(rx.search(u) or rx.search(c)) for u, c in zip(df["url"], df["caption"])]
-        reason[pd.Series(hit, index=df.index) & reason.isna()] = "blocked_pattern"
+        reason[pd.Series(hit, index=df.index) & reason.isna()] = BLOCKED_PATTERN
     chars = df["caption"].str.len()
     words = df["caption"].map(count_words)
-    reason[((chars < cfg.min_chars) | (words < cfg.min_words)) & reason.isna()] = "caption_too_short"
-    reason[((chars > cfg.max_chars) | (words > cfg.max_words)) & reason.isna()] = "caption_too_long"
+    reason[((chars < cfg.min_chars) | (words < cfg.min_words)) & reason.isna()] = CAPTION_TOO_SHORT
+    reason[((chars > cfg.max_chars) | (words > cfg.max_words)) & reason.isna()] = CAPTION_TOO_LONG
 
     todo = reason.isna()
     language = pd.Series(None, index=df.index, dtype=object)
@@ -204,16 +200,16 @@ def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.Dat
         language[todo] = df.loc[todo, "declared_language"].fillna("und")  # ISO 639-2 "undetermined"
         confidence[todo] = 1.0
         if cfg.languages:
-            reason[todo & ~language.isin(cfg.languages)] = "language_not_allowed"
+            reason[todo & ~language.isin(cfg.languages)] = LANGUAGE_NOT_ALLOWED
     else:
         langs, confs, masses = identify_languages(df.loc[todo, "caption"], cfg.languages)
         language[todo] = langs
         confidence[todo] = confs
         foreign = pd.Series(False, index=df.index)
         foreign[todo] = masses < FOREIGN_MASS
-        reason[foreign & reason.isna()] = "language_not_allowed"
+        reason[foreign & reason.isna()] = LANGUAGE_NOT_ALLOWED
     threshold = language.map(lambda lang: cfg.language_thresholds.get(lang, cfg.min_confidence))
-    reason[(confidence < threshold) & reason.isna()] = "language_low_confidence"
+    reason[(confidence < threshold) & reason.isna()] = LANGUAGE_LOW_CONFIDENCE
 
     todo = reason.isna()
     verdicts = host_verdicts(hosts[todo], cfg)

@@ -5,9 +5,7 @@ Importing this module stays cheap (no torch): the work is imported inside the co
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 from typing import Callable
 
 # flag -> field of EvalJobConfig ("eval." = its BenchmarkConfig); flags override the YAML.
@@ -38,11 +36,12 @@ def _job(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from sigscale.core.distributed import launched_by_torchrun, torchrun_command
     from sigscale.eval.config import validate_job
 
     job = _job(args)
     validate_job(job)  # fail here, not in every rank
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if args.nproc > 1 and not launched_by_torchrun():
         # Re-run the resolved job under torchrun: each rank embeds a slice of every set.
         from pathlib import Path
 
@@ -51,16 +50,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(job.out).mkdir(parents=True, exist_ok=True)
         resolved = Path(job.out) / "eval_job.yaml"
         resolved.write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "sigscale.cli", "eval", "--config", str(resolved), "--title", args.title]
-        return subprocess.call(cmd)
+        return subprocess.call(torchrun_command(args.nproc, "sigscale.cli",
+                                                ["eval", "--config", str(resolved), "--title", args.title]))
     from dataclasses import asdict
 
     import torch.distributed as dist
 
     from sigscale.eval.report import headline, label, write_report
     from sigscale.eval.run import evaluate_checkpoints
-    from sigscale.pretrain.sharding import init_distributed
+    from sigscale.core.distributed import init_distributed
 
     info = init_distributed()
     try:

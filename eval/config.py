@@ -5,17 +5,14 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
-from sigscale import CONFIG_DIR
-from sigscale.pretrain.config import ConfigError, EvalConfig
+from sigscale.core import config as core_config
+from sigscale.core.config import ConfigError
+from sigscale.pretrain.config import EvalConfig
 
 BENCHMARKS = ("imagenet", "zeroshot", "xm3600", "retrieval")
 # The data key each benchmark reads, and the `sigscale eval` flag that sets it.
@@ -34,15 +31,6 @@ class EvalJobConfig:
     model: str = ""  # model config for open_clip weights: a preset name or an experiment YAML
     out: str = ""  # report folder
     eval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-
-
-def _keys(schema: type, prefix: str = "") -> List[str]:
-    out = []
-    for f in dataclasses.fields(schema):
-        out.append(prefix + f.name)
-        if f.name == "eval":
-            out += _keys(BenchmarkConfig, "eval.")
-    return out
 
 
 def validate_benchmarks(cfg: BenchmarkConfig) -> None:
@@ -65,30 +53,8 @@ def validate_benchmarks(cfg: BenchmarkConfig) -> None:
 
 
 def load_eval_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> EvalJobConfig:
-    """An eval job from a YAML (path, or a name in configs/eval/) plus dot-list overrides (see validate_job)."""
-    node = OmegaConf.create()
-    source = str(path) if path else "<command line>"
-    if path:
-        p = Path(path)
-        for candidate in (p, CONFIG_DIR / "eval" / p, CONFIG_DIR / "eval" / f"{p}.yaml", CONFIG_DIR / p):
-            if candidate.is_file():
-                p = candidate
-                break
-        else:
-            raise ConfigError(f"eval config {path} does not exist; give a YAML path or a name in {CONFIG_DIR / 'eval'}")
-        node = OmegaConf.load(p)
-    try:
-        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
-        cfg: EvalJobConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalJobConfig), node))
-    except ConfigKeyError as e:
-        key = getattr(e, "full_key", "?")
-        close = difflib.get_close_matches(str(key), _keys(EvalJobConfig), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "see eval/config.py for the schema"
-        raise ConfigError(f"unknown eval config key '{key}' in {source}; {hint}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid eval config in {source} at '{getattr(e, 'full_key', '?')}': "
-                          f"{str(e).splitlines()[0]}; fix the value") from None
-    return cfg
+    """An eval job from a YAML (a path or a name in configs/eval/) plus dot-list overrides (see validate_job)."""
+    return core_config.load(EvalJobConfig, path, overrides, folders=("eval",))
 
 
 def validate_job(cfg: EvalJobConfig) -> None:

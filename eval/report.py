@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from sigscale import __version__
+from sigscale.core.rundir import RunDir
 from sigscale.eval.sources import EvalDataError
 
 FORMAT = "sigscale-eval-report/1"
@@ -41,12 +42,11 @@ def headline(record: Dict[str, Any]) -> Dict[str, float]:
 
 
 def loss_curve(run_dir: Optional[str]) -> List[Tuple[int, float]]:
-    """(step, loss) pairs from a run's metrics.jsonl; empty when there is none."""
-    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
-    if path is None or not path.is_file():
+    """(step, loss) pairs from a run's metrics; empty when there is none."""
+    if not run_dir:
         return []
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    run = RunDir(run_dir)
+    return [(r["step"], r["loss"]) for r in run.read_jsonl(run.metrics) if "loss" in r]
 
 
 def label(record: Dict[str, Any]) -> str:

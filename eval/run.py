@@ -11,15 +11,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from sigscale.core.distributed import DistInfo
+from sigscale.core.rundir import RunDir
 from sigscale.eval.config import BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
-from sigscale.eval.embed import eval_model
+from sigscale.eval.report import headline
 from sigscale.eval.retrieval import evaluate_shard_retrieval
 from sigscale.eval.xm3600 import evaluate_xm3600
 from sigscale.eval.zeroshot import evaluate_zeroshot
+from sigscale.pretrain.checkpoint import list_checkpoints
+from sigscale.pretrain.config import load_config
+from sigscale.pretrain.interop import load_model, resolve_checkpoint
+from sigscale.pretrain.sharding import inference_module
 from sigscale.pretrain.tokenizer import Tokenizer, TokenizerError
 
 
@@ -30,7 +36,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: BenchmarkConfig, rank:
     The model's train/eval mode is restored afterwards.
     """
     validate_benchmarks(cfg)
-    eval_model(model)  # register FSDP hooks once, before any rank starts encoding
+    inference_module(model)  # register FSDP hooks once, before any rank starts encoding
     bs = cfg.batch_size
     out: Dict[str, Dict] = {}
     for name in cfg.benchmarks:
@@ -51,6 +57,22 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: BenchmarkConfig, rank:
     return out
 
 
+class BenchmarkEvaluator:
+    """The training loop's periodic evaluation (``sigscale.pretrain.evaluation.Evaluator``) for ``cfg``.
+
+    Built before training starts, so a typo in a benchmark or a missing data folder stops the run
+    at once instead of at the first evaluation.
+    """
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        validate_benchmarks(cfg)
+        self.cfg = cfg
+
+    def __call__(self, model: nn.Module, tokenizer: Tokenizer, info: DistInfo) -> Tuple[Dict, Dict[str, float]]:
+        results = evaluate(model, tokenizer, self.cfg, info.rank, info.world_size)
+        return results, (headline({"benchmarks": results}) if info.is_main else {})
+
+
 @dataclass
 class LoadedCheckpoint:
     model: nn.Module
@@ -59,12 +81,16 @@ class LoadedCheckpoint:
 
 
 def load_tokenizer(source, model: nn.Module, explicit: str = "") -> Tokenizer:
-    """The checkpoint's tokenizer: ``explicit``, else its run's tokenizer.model, else an HF dir's spiece.model."""
+    """The checkpoint's tokenizer: ``explicit``, else the copy in its run dir, else the path its config
+    records, else an HF dir's spiece.model."""
     ctx = model.cfg.text.context_length
     exp = source.experiment
+    run = RunDir.of(source.weights)
+    pad, canon = (exp.tokenizer.pad_id, exp.tokenizer.canonicalize) if exp else (1, True)
     if explicit:
-        pad, canon = (exp.tokenizer.pad_id, exp.tokenizer.canonicalize) if exp else (1, True)
         tok = Tokenizer(explicit, ctx, pad, canon)
+    elif run is not None and run.tokenizer.is_file():
+        tok = Tokenizer(run.tokenizer, ctx, pad, canon)
     elif exp is not None and exp.tokenizer.model:
         tok = Tokenizer(exp.tokenizer.model, ctx, exp.tokenizer.pad_id, exp.tokenizer.canonicalize)
     elif source.kind == "hf" and (source.weights / "spiece.model").is_file():
@@ -83,24 +109,19 @@ def _model_config_arg(model: str):
     if not model:
         return None
     if model.endswith((".yaml", ".yml")):
-        from sigscale.pretrain.config import load_config
-
         return load_config(model).model
     return model
 
 
 def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> LoadedCheckpoint:
     """Load a checkpoint and its tokenizer for evaluation (plain model on this process's device)."""
-    from sigscale.pretrain.interop import load_model, resolve_checkpoint
-
     src = resolve_checkpoint(checkpoint)
     net = load_model(src, _model_config_arg(model))
     tok = load_tokenizer(src, net, tokenizer)
-    run_dir = src.weights.parent.parent if src.kind == "dcp" else (
-        src.weights.parent if src.kind == "safetensors" else None)
+    run = RunDir.of(src.weights)
     c = net.cfg
     info = {"checkpoint": str(checkpoint), "kind": src.kind, "step": src.step, "config_hash": src.config_hash,
-            "run_dir": str(run_dir) if run_dir else None, "tokenizer": str(tok.path),
+            "run_dir": str(run.root) if run else None, "tokenizer": str(tok.path),
             "model": f"ViT {c.vision.width}x{c.vision.depth}/{c.vision.patch_size} @{c.vision.image_size}px, "
                      f"text {c.text.width}x{c.text.depth}, vocab {c.text.vocab_size}",
             "name": src.experiment.name if src.experiment else Path(checkpoint).name}
@@ -109,11 +130,10 @@ def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> Load
 
 def expand_checkpoints(paths: List[str]) -> List[str]:
     """A run's ``checkpoints`` folder stands for all its complete step checkpoints, oldest first."""
-    from sigscale.pretrain.checkpoint import list_checkpoints
-
     out: List[str] = []
     for p in paths:
-        steps = list_checkpoints(Path(p)) if Path(p).name == "checkpoints" else []
+        run = RunDir.of(p)
+        steps = list_checkpoints(run.checkpoints) if run and Path(p).absolute() == run.checkpoints else []
         out += [str(s) for s in steps] if steps else [p]
     return out
 

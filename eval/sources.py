@@ -7,8 +7,8 @@ from typing import Dict, Iterator, List
 
 import webdataset as wds
 
-from sigscale.curation.manifest import MANIFEST, shard_urls
-from sigscale.errors import SigscaleError
+from sigscale.core.manifest import MANIFEST, shard_urls
+from sigscale.core.errors import SigscaleError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 

@@ -14,6 +14,7 @@ reload on the same world size (DeepSpeed's ``ds_to_universal`` converts them for
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sigscale.pretrain.config import ConfigError
+from sigscale.core.config import ConfigError
 from sigscale.pretrain.sharding import is_deepspeed
 
 COMPLETE = "COMPLETE"
@@ -122,3 +123,41 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     extra = torch.load(source, weights_only=True)
     return {"shared": extra["shared"], "private": extra["private"] if saved_world == world else None,
             "saved_world_size": saved_world}
+
+
+@dataclass
+class Restored:
+    step: int
+    path: Path
+    data: Optional[Dict[str, Any]]  # this rank's data position; None when the world size changed
+    saved_world_size: int
+
+
+class Checkpointer:
+    """Everything a run needs to continue exactly: model, optimizer, schedule, data position, RNG."""
+
+    def __init__(self, ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                 keep_last: int) -> None:
+        self.dir, self.model, self.optimizer, self.schedule = Path(ckpt_dir), model, optimizer, schedule
+        self.keep_last = keep_last
+
+    def restore(self) -> Optional[Restored]:
+        """Load the newest complete checkpoint in place (RNG included when the world size is unchanged)."""
+        path = latest_checkpoint(self.dir)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.schedule.load_state_dict(state["shared"]["schedule"])
+        private = state["private"]
+        if private is not None:
+            torch.set_rng_state(private["rng"])
+        return Restored(state["shared"]["step"], path, private["data"] if private else None, state["saved_world_size"])
+
+    def has(self, step: int) -> bool:
+        return latest_checkpoint(self.dir) == self.dir / f"step_{step:08d}"
+
+    def save(self, step: int, data: Dict[str, Any]) -> Path:
+        """Checkpoint ``step`` steps done, with this rank's data position (collective)."""
+        return save_checkpoint(self.dir, step, self.model, self.optimizer,
+                               shared={"step": step, "schedule": self.schedule.state_dict()},
+                               private={"data": data, "rng": torch.get_rng_state()}, keep_last=self.keep_last)

@@ -1,31 +1,21 @@
-"""Typed experiment configs: dataclass schemas, YAML composition, dot-list overrides, loud errors.
+"""The experiment schema (model, tokenizer, data, train, eval sections) and its validation.
 
-An experiment YAML may start with ``compose: [models/x.yaml, train/y.yaml]``: those parts
-(paths relative to the YAML's folder, then to the repo's ``configs/``) are merged first, in
-order, then the file itself, then command-line overrides such as ``train.batch_size=32768``.
-``model.preset`` names a tower preset from :mod:`sigscale.pretrain.towers`; keys given next to
-it override the preset.
+Loading (``compose:``, dot-list overrides, "did you mean") is the core loader's
+(:mod:`sigscale.core.config`). ``model.preset`` names a tower preset from
+``PRESETS`` below; keys given next to it override the preset.
 """
 from __future__ import annotations
 
-from sigscale.errors import SigscaleError
 import dataclasses
-import difflib
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from sigscale import CONFIG_DIR
-
-
-class ConfigError(SigscaleError, ValueError):
-    """A config is wrong: the message names the key and the fix."""
+from sigscale.core import config as core_config
+from sigscale.core.config import ConfigError, choice
 
 
 @dataclass
@@ -177,108 +167,66 @@ ACTS = ("gelu", "gelu_tanh")
 TOWERS = ("vision", "text")
 
 
-def _resolve_part(name: str, base_dir: Path) -> Path:
-    for candidate in (base_dir / name, CONFIG_DIR / name, Path(name)):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"config part {name!r} not found next to {base_dir} nor in {CONFIG_DIR}; "
-        "fix the path in 'compose:' or pass an existing YAML file"
+def _so400m_vision(image_size: int, patch_size: int) -> VisionConfig:
+    # "Getting ViT in Shape" (Alabdulmohsin et al. 2023): width 1152, depth 27, MLP 4304, 16 heads.
+    return VisionConfig(image_size=image_size, patch_size=patch_size, width=1152, depth=27, heads=16, mlp_dim=4304)
+
+
+def _so400m_text(vocab_size: int, context_length: int, projection: bool) -> TextConfig:
+    return TextConfig(
+        context_length=context_length, vocab_size=vocab_size, width=1152, depth=27, heads=16,
+        mlp_dim=4304, projection=projection,
     )
 
 
-def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
-    """Load one YAML and everything it composes, parts first."""
-    if path.resolve() in seen:
-        raise ConfigError(f"config {path} composes itself (cycle: {' -> '.join(map(str, seen))})")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # yaml errors carry the line number
-        raise ConfigError(f"cannot parse config {path}: {e}") from e
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
-    parts = node.pop("compose", [])
-    merged = OmegaConf.create()
-    for part in parts:
-        merged = OmegaConf.merge(merged, _load_yaml(_resolve_part(part, path.parent), seen + (path.resolve(),)))
-    return OmegaConf.merge(merged, node)
-
-
-def _known_keys(schema: Any, prefix: str = "") -> List[str]:
-    keys = []
-    for f in dataclasses.fields(schema):
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            keys += _known_keys(f.default_factory, prefix + f.name + ".")
-    return keys
-
-
-def _explain(e: OmegaConfBaseException, source: str, schema: Any = None) -> ConfigError:
-    """A ConfigError naming the key, the problem and the fix, for any stage's config ``schema``."""
-    key = getattr(e, "full_key", None) or "?"
-    if isinstance(e, ConfigKeyError):
-        schema = schema or ExperimentConfig
-        close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else f"see {schema.__name__} in {schema.__module__} for the schema"
-        return ConfigError(f"unknown config key '{key}' in {source}; {hint}")
-    if isinstance(e, ValidationError):
-        msg = str(e).splitlines()[0]
-        return ConfigError(f"wrong type for config key '{key}' in {source}: {msg}; fix the value's type")
-    return ConfigError(f"invalid config in {source} at '{key}': {str(e).splitlines()[0]}")
+# Shapes follow the published SigLIP checkpoints (big_vision SigLIP colab / open_clip model_configs).
+PRESETS: Dict[str, ModelConfig] = {
+    "so400m14_224": ModelConfig(vision=_so400m_vision(224, 14), text=_so400m_text(32000, 16, True)),
+    "so400m14_384": ModelConfig(vision=_so400m_vision(384, 14), text=_so400m_text(32000, 64, True)),
+    # mSigLIP So400M/16-i18n-256: the text tower is as large as the image tower, 250k mC4 vocabulary,
+    # and no projection head on the text side.
+    "so400m16_i18n_256": ModelConfig(vision=_so400m_vision(256, 16), text=_so400m_text(250000, 64, False)),
+    "b16_224": ModelConfig(
+        vision=VisionConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+        text=TextConfig(context_length=64, vocab_size=32000, width=768, depth=12, heads=12, mlp_dim=3072),
+    ),
+    "l16_256": ModelConfig(
+        vision=VisionConfig(image_size=256, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+        text=TextConfig(context_length=64, vocab_size=32000, width=1024, depth=24, heads=16, mlp_dim=4096),
+    ),
+    # CPU-sized towers for tests and the demo.
+    "tiny": ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=256),
+        text=TextConfig(context_length=16, vocab_size=1000, width=64, depth=2, heads=4, mlp_dim=256),
+    ),
+    "small": ModelConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=192, depth=4, heads=6, mlp_dim=768),
+        text=TextConfig(context_length=32, vocab_size=4000, width=192, depth=4, heads=6, mlp_dim=768),
+    ),
+}
 
 
 def _apply_preset(node: DictConfig, source: str) -> DictConfig:
-    from sigscale.pretrain.towers import PRESETS  # presets live next to the towers
-
     preset = OmegaConf.select(node, "model.preset")
     if preset is None:
         return node
     if preset not in PRESETS:
-        raise ConfigError(
-            f"unknown model.preset {preset!r} in {source}; choose one of {sorted(PRESETS)}"
-        )
+        raise ConfigError(f"unknown model.preset {preset!r} in {source}; choose one of {sorted(PRESETS)}")
     base = OmegaConf.create({"model": dataclasses.asdict(PRESETS[preset])})
     return OmegaConf.merge(base, node)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load an experiment YAML (with its composed parts) plus dot-list overrides, validated."""
-    schema = OmegaConf.structured(ExperimentConfig)
-    source = str(path) if path else "<defaults>"
-    node = OmegaConf.create()
-    if path:
-        p = Path(path)
-        if not p.is_file() and (CONFIG_DIR / p).is_file():
-            p = CONFIG_DIR / p
-        elif not p.is_file() and (CONFIG_DIR / f"{p}.yaml").is_file():
-            p = CONFIG_DIR / f"{p}.yaml"
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist; give a YAML path or a name from {CONFIG_DIR}")
-        node = _load_yaml(p)
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}; use key.sub=value") from e
-    node = OmegaConf.merge(node, cli)
-    node = _apply_preset(node, source)
-    try:
-        merged = OmegaConf.merge(schema, node)
-        cfg: ExperimentConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _explain(e, source if not overrides else f"{source} + overrides") from None
+    """Load an experiment YAML (a path or a name in configs/) plus dot-list overrides, validated."""
+    cfg = core_config.load(ExperimentConfig, path, overrides, prepare=_apply_preset)
     validate(cfg)
     return cfg
 
 
-def _choice(value: str, options: Sequence[str], key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {list(options)}; set {key} to one of them")
-
-
 def validate_model(m: ModelConfig) -> None:
     """Tower shapes that cannot be built; also checked by create_model for configs built in code."""
-    _choice(m.vision.act, ACTS, "model.vision.act")
-    _choice(m.text.act, ACTS, "model.text.act")
+    choice(m.vision.act, ACTS, "model.vision.act")
+    choice(m.text.act, ACTS, "model.text.act")
     for tower in ("vision", "text"):
         tc = getattr(m, tower)
         if tc.width % tc.heads:
@@ -302,11 +250,11 @@ def validate_model(m: ModelConfig) -> None:
 def validate(cfg: ExperimentConfig) -> None:
     """Reject impossible combinations before any work starts."""
     m, t = cfg.model, cfg.train
-    _choice(t.strategy, STRATEGIES, "train.strategy")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.loss, LOSSES, "train.loss")
+    choice(t.strategy, STRATEGIES, "train.strategy")
+    choice(t.precision, PRECISIONS, "train.precision")
+    choice(t.loss, LOSSES, "train.loss")
     validate_model(m)
-    _choice(cfg.tokenizer.model_type, ("unigram", "bpe"), "tokenizer.model_type")
+    choice(cfg.tokenizer.model_type, ("unigram", "bpe"), "tokenizer.model_type")
     if cfg.tokenizer.context_length != m.text.context_length:
         raise ConfigError(
             f"tokenizer.context_length={cfg.tokenizer.context_length} differs from "
@@ -326,7 +274,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.loss_chunk_size={t.loss_chunk_size} must be positive or null")
     for key in ("init_towers", "freeze"):
         for tower in getattr(t, key):
-            _choice(tower, TOWERS, f"train.{key}[]")
+            choice(tower, TOWERS, f"train.{key}[]")
     for tower in t.freeze:
         if not t.init_from or tower not in t.init_towers:
             raise ConfigError(
@@ -353,20 +301,7 @@ def check_world_size(cfg: ExperimentConfig, world_size: int) -> int:
 
 
 def config_from_yaml(text: str, source: str = "<yaml>") -> ExperimentConfig:
-    """Rebuild a validated config from ``to_yaml`` output (e.g. stored next to weights)."""
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text)))
-    except OmegaConfBaseException as e:
-        raise _explain(e, source) from None
+    """Rebuild a validated config from ``to_yaml`` output (e.g. a run's config.yaml, weights metadata)."""
+    cfg = core_config.from_yaml(ExperimentConfig, text, source)
     validate(cfg)
     return cfg
-
-
-def to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config (dataclass or plain dict), for manifests and reports."""
-    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sigscale.curation.manifest import ManifestError, shard_urls
+from sigscale.core.manifest import ManifestError, shard_urls
 from sigscale.pretrain.tokenizer import Tokenizer
 
 

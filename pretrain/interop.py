@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sigscale.errors import SigscaleError
-from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_hash
+from sigscale.core.config import config_hash
+from sigscale.core.errors import SigscaleError
+from sigscale.core.rundir import RunDir
+from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint
+from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_from_yaml
 from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config
 
 StateDict = Dict[str, torch.Tensor]
@@ -369,9 +373,6 @@ def _hash_text(text: str) -> str:
 
 def _dcp_source(step_dir: Path) -> CheckpointSource:
     """A ``run/checkpoints/step_XXXXXXXX`` directory: its run's config.yaml gives the model."""
-    from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG
-    from sigscale.pretrain.config import config_from_yaml
-
     if not (step_dir / COMPLETE).is_file():
         raise CheckpointLoadError(f"{step_dir} is not a complete checkpoint (no {COMPLETE} marker; a kill cut it "
                                   "short); evaluate an older step_* directory")
@@ -380,22 +381,18 @@ def _dcp_source(step_dir: Path) -> CheckpointSource:
             f"{step_dir} holds DeepSpeed ZeRO shards; consolidate them with the zero_to_fp32.py script DeepSpeed "
             f"wrote next to them (python {step_dir / DEEPSPEED_TAG}/../zero_to_fp32.py ...) or evaluate the run's "
             "model.safetensors")
-    run_yaml = step_dir.parent.parent / "config.yaml"
-    if not run_yaml.is_file():
-        raise CheckpointLoadError(f"{run_yaml} not found: a training checkpoint is read with its run's config; "
+    run = RunDir.of(step_dir)
+    if run is None:
+        raise CheckpointLoadError(f"{step_dir} is not inside a run dir (<run>/{RunDir.CHECKPOINTS}/ beside "
+                                  f"<run>/{RunDir.CONFIG}): a training checkpoint is read with its run's config; "
                                   "keep the step directory inside <run>/checkpoints/")
-    cfg = config_from_yaml(run_yaml.read_text(), source=str(run_yaml))
+    cfg = config_from_yaml(run.config.read_text(), source=str(run.config))
     step = int((step_dir / COMPLETE).read_text().strip() or step_dir.name.split("_")[-1])
     return CheckpointSource(step_dir, "dcp", step_dir, cfg, step, config_hash(cfg))
 
 
 def resolve_checkpoint(path: PathLike) -> CheckpointSource:
     """Classify a checkpoint path: HF dir, sigscale run dir / weights, DCP step dir, or open_clip weights."""
-    from safetensors import safe_open
-
-    from sigscale.pretrain.checkpoint import latest_checkpoint
-    from sigscale.pretrain.config import config_from_yaml
-
     p = Path(path)
     if not p.exists():
         raise CheckpointLoadError(f"checkpoint {p} does not exist")
@@ -403,10 +400,10 @@ def resolve_checkpoint(path: PathLike) -> CheckpointSource:
         return CheckpointSource(p, "hf", p, step=None, config_hash=_hash_text((p / "config.json").read_text()))
     if p.is_dir() and p.name.startswith("step_"):
         return _dcp_source(p)
-    if p.is_dir() and p.name == "checkpoints" and latest_checkpoint(p) is not None:
+    if p.is_dir() and p.name == RunDir.CHECKPOINTS and latest_checkpoint(p) is not None:
         return _dcp_source(latest_checkpoint(p))
     if p.is_dir() and not (p / _HF_WEIGHTS).is_file():
-        latest = latest_checkpoint(p / "checkpoints")
+        latest = latest_checkpoint(RunDir(p).checkpoints)
         if latest is None:
             raise CheckpointLoadError(
                 f"{p} is neither a Hugging Face SiglipModel dir (config.json) nor a sigscale run dir "

@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from sigscale.errors import SigscaleError
+from sigscale.core.errors import SigscaleError
 from sigscale.pretrain.config import ExperimentConfig, ModelConfig
 
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# The memory layouts the planner models (one per strategy and ZeRO stage), not train.strategy values.
+MEMORY_LAYOUTS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 # What peak live tensor bytes leave unaccounted on a GPU: the CUDA context, cuBLAS workspaces and
 # caching-allocator fragmentation. The planner keeps this fraction of each GPU free.
 DEFAULT_RESERVE = 0.10
@@ -273,7 +274,7 @@ def _split(local_batch: int, max_micro: int) -> Tuple[int, int]:
 
 
 def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
-         reserve: float = DEFAULT_RESERVE, strategies: Sequence[str] = STRATEGIES) -> Plan:
+         reserve: float = DEFAULT_RESERVE, strategies: Sequence[str] = MEMORY_LAYOUTS) -> Plan:
     """Per-GPU memory of every sharding strategy for ``cfg`` on ``gpus × nodes`` GPUs of ``gpu_mem_bytes``.
 
     The chosen strategy is the config's (``train.strategy``/``zero_stage``); the micro-batch is the
@@ -302,8 +303,8 @@ def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
     result = Plan(cfg.name, world, gpu_mem_bytes, usable, t.batch_size, local, t.precision,
                   {"vision": t.grad_checkpointing.vision, "text": t.grad_checkpointing.text}, counts, chosen)
     for strategy in dict.fromkeys((*strategies, chosen)):
-        if strategy not in STRATEGIES:
-            raise PlanError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+        if strategy not in MEMORY_LAYOUTS:
+            raise PlanError(f"unknown strategy {strategy!r}; choose from {list(MEMORY_LAYOUTS)}")
         # Our engine casts to bf16 only through FSDP2's policy or DeepSpeed; DDP computes in fp32.
         act_b = 2 if bf16 and strategy != "ddp" else 4
         per_tower = {ck: sum(tower_activation_bytes(m, tw, act_b, ck) for tw in ("vision", "text"))

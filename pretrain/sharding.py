@@ -12,53 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
-from datetime import timedelta
+import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
-from sigscale.pretrain.config import ConfigError, TrainConfig
+from sigscale.core.config import ConfigError
+from sigscale.core.distributed import DistInfo
+from sigscale.pretrain.config import STRATEGIES, TrainConfig
 from sigscale.pretrain.towers import SiglipModel
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def group(self) -> Optional[dist.ProcessGroup]:
-        return dist.group.WORLD if dist.is_initialized() else None
-
-
-def init_distributed(timeout_s: int = 1800) -> DistInfo:
-    """Join the job's process group from torchrun/Slurm env vars; a lone process stays single."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and not dist.is_initialized():
-        return DistInfo(device=torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local_rank, device)
 
 
 def apply_activation_checkpointing(model: SiglipModel, vision: bool, text: bool) -> None:
@@ -87,7 +55,7 @@ def parallelize(model: SiglipModel, cfg: TrainConfig, info: DistInfo) -> nn.Modu
         return DistributedDataParallel(model)
     if strategy in ("single", "deepspeed"):  # deepspeed: wrapped by deepspeed_engine() once the optimizer exists
         return model
-    raise ConfigError(f"train.strategy={cfg.strategy!r} is unknown; use fsdp, deepspeed, ddp or single")
+    raise ConfigError(f"train.strategy={cfg.strategy!r} is unknown; use one of {list(STRATEGIES)}")
 
 
 def uses_deepspeed(cfg: TrainConfig, info: DistInfo) -> bool:
@@ -196,6 +164,36 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         # ZeRO-3 keeps only a shard per rank; gathering is a no-op for stages 0-2.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in model.module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+_INFERENCE_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def inference_module(model: nn.Module) -> nn.Module:
+    """The module whose ``encode_image``/``encode_text`` to call: DDP and DeepSpeed unwrapped, FSDP2 hooked.
+
+    FSDP2 only gathers a module's parameters around ``forward``; registering the encode methods makes
+    them gather the root's parameters too (``register_fsdp_forward_method``), once per model: a
+    second registration would wrap the methods twice.
+    """
+    if isinstance(model, FSDPModule):
+        if model not in _INFERENCE_HOOKED:
+            register_fsdp_forward_method(model, "encode_image")
+            register_fsdp_forward_method(model, "encode_text")
+            _INFERENCE_HOOKED.add(model)
+        return model
+    inner = getattr(model, "module", None)  # DistributedDataParallel, DeepSpeedEngine
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "encode_image") else model
+
+
+def reshard_after_inference(model: nn.Module) -> None:
+    """Shard FSDP2 parameters again after encoding outside a training step.
+
+    FSDP2 keeps the root's parameters gathered after a forward (expecting a backward): mid-training
+    that would leave full copies in memory and unsharded tensors where the optimizer and
+    checkpointing expect shards.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

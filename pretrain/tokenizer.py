@@ -6,7 +6,7 @@ and kept when the caption is truncated ("sticky" EOS), padding to a fixed length
 """
 from __future__ import annotations
 
-from sigscale.errors import SigscaleError
+from sigscale.core.errors import SigscaleError
 import io
 import re
 import string

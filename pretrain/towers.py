@@ -1,4 +1,4 @@
-"""SigLIP towers: a timm ViT image tower and an open_clip text transformer, plus presets.
+"""SigLIP towers: a timm ViT image tower and an open_clip text transformer (shapes: config.PRESETS).
 
 Nothing here knows about distribution, precision or checkpointing: ``sharding.py`` wraps
 these modules. The towers come from timm and open_clip (no ViT is rewritten here); this file
@@ -7,7 +7,6 @@ only picks their shapes and ties them into one module with SigLIP's temperature 
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import Dict, Union
 
@@ -17,46 +16,8 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from sigscale.pretrain.config import ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
-
-
-def _so400m_vision(image_size: int, patch_size: int) -> VisionConfig:
-    # "Getting ViT in Shape" (Alabdulmohsin et al. 2023): width 1152, depth 27, MLP 4304, 16 heads.
-    return VisionConfig(image_size=image_size, patch_size=patch_size, width=1152, depth=27, heads=16, mlp_dim=4304)
-
-
-def _so400m_text(vocab_size: int, context_length: int, projection: bool) -> TextConfig:
-    return TextConfig(
-        context_length=context_length, vocab_size=vocab_size, width=1152, depth=27, heads=16,
-        mlp_dim=4304, projection=projection,
-    )
-
-
-# Shapes follow the published SigLIP checkpoints (big_vision SigLIP colab / open_clip model_configs).
-PRESETS: Dict[str, ModelConfig] = {
-    "so400m14_224": ModelConfig(vision=_so400m_vision(224, 14), text=_so400m_text(32000, 16, True)),
-    "so400m14_384": ModelConfig(vision=_so400m_vision(384, 14), text=_so400m_text(32000, 64, True)),
-    # mSigLIP So400M/16-i18n-256: the text tower is as large as the image tower, 250k mC4 vocabulary,
-    # and no projection head on the text side.
-    "so400m16_i18n_256": ModelConfig(vision=_so400m_vision(256, 16), text=_so400m_text(250000, 64, False)),
-    "b16_224": ModelConfig(
-        vision=VisionConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
-        text=TextConfig(context_length=64, vocab_size=32000, width=768, depth=12, heads=12, mlp_dim=3072),
-    ),
-    "l16_256": ModelConfig(
-        vision=VisionConfig(image_size=256, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
-        text=TextConfig(context_length=64, vocab_size=32000, width=1024, depth=24, heads=16, mlp_dim=4096),
-    ),
-    # CPU-sized towers for tests and the demo.
-    "tiny": ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=256),
-        text=TextConfig(context_length=16, vocab_size=1000, width=64, depth=2, heads=4, mlp_dim=256),
-    ),
-    "small": ModelConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=192, depth=4, heads=6, mlp_dim=768),
-        text=TextConfig(context_length=32, vocab_size=4000, width=192, depth=4, heads=6, mlp_dim=768),
-    ),
-}
+from sigscale.core.config import ConfigError
+from sigscale.pretrain.config import PRESETS, ModelConfig, TextConfig, VisionConfig, validate_model
 
 
 def _act(name: str) -> type[nn.Module]:
@@ -132,7 +93,7 @@ class SiglipModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every parameter: used after building on the meta device and `to_empty`."""
+        """(Re)initialise every parameter as construction does (meta-device FSDP init copies rank 0's weights instead)."""
         self.visual.init_weights()
         self.visual.attn_pool.init_weights()
         for m in self.modules():

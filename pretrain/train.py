@@ -1,32 +1,42 @@
-"""The training loop. One step reads top to bottom: data → towers → loss → backward → step → log."""
+"""The training loop. One step reads top to bottom: data → towers → loss → backward → step → log.
+
+``train`` sets up (run dir, tokenizer, model, optimizer, resume), then loops; what happens around
+a step lives in named parts: :class:`~sigscale.pretrain.metrics.RunLog` (metrics.jsonl, TensorBoard,
+terminal), :class:`~sigscale.pretrain.checkpoint.Checkpointer`, :class:`~sigscale.pretrain.evaluation.PeriodicEval`
+(an evaluator handed in by the caller), the non-finite-loss policy and the preemption stop. Step
+hooks (``StepEvent``) let benchmarks and tests look at each step without patching anything.
+"""
 from __future__ import annotations
 
-import json
-import sys
-import time
+import dataclasses
+import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from sigscale.errors import SigscaleError
-from sigscale.pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sigscale.pretrain.config import ConfigError, ExperimentConfig, TrainConfig, check_world_size, config_hash, to_yaml
+from sigscale.core.config import ConfigError, config_hash, to_yaml
+from sigscale.core.distributed import DistInfo, any_rank, init_distributed
+from sigscale.core.errors import SigscaleError
+from sigscale.core.rundir import RunDir
+from sigscale.pretrain.checkpoint import Checkpointer
+from sigscale.pretrain.config import ExperimentConfig, TrainConfig, check_world_size
 from sigscale.pretrain.data import DataPosition, make_loader
+from sigscale.pretrain.evaluation import Evaluator, PeriodicEval
+from sigscale.pretrain.interop import load_model
 from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
+from sigscale.pretrain.metrics import RunLog, peak_tflops
 from sigscale.pretrain.optim import build_optimizer, build_schedule, tower_of
-from sigscale.pretrain.sharding import (DistInfo, backward, deepspeed_engine, full_state_dict, gradient_sync,
-                                       init_distributed, optimizer_step, parallelize, uses_deepspeed)
-from sigscale.pretrain.tokenizer import Tokenizer
-from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config, tower_flops_per_sample
+from sigscale.pretrain.sharding import (backward, deepspeed_engine, full_state_dict, gradient_sync, optimizer_step,
+                                       parallelize, uses_deepspeed)
+from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
+from sigscale.pretrain.towers import SiglipModel, create_model, tower_flops_per_sample
 
 
 class NonFiniteLossError(SigscaleError, RuntimeError):
@@ -53,19 +63,6 @@ def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> Tup
     loss, stats = chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
                                        validate=False, return_stats=True)
     return loss, torch.stack([stats["pos_logit"], stats["neg_logit"]]).float()
-
-
-# Dense bf16 peak of one device, for MFU (vendor datasheets). Others: set train.peak_tflops.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "GH200": 989.0}
-
-
-def peak_tflops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 @dataclass
@@ -101,7 +98,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     loss, logits = contrastive_loss(cfg, img, txt, scale, bias, info.group)
     # Read now: FSDP frees the unsharded t', b once backward is done with them.
     stats = StepStats(loss.detach().clone(), logits, scale.detach().float().exp().item(), bias.item(),
-                      finite=not _any_rank(not torch.isfinite(loss).item(), info))
+                      finite=not any_rank(not torch.isfinite(loss).item()))
     if not stats.finite:  # every rank agrees to skip, or ranks would diverge
         return stats
     if cached is None:
@@ -125,28 +122,11 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     return stats
 
 
-def _any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    t = torch.tensor([float(flag)], device=info.device)
-    if info.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop lines of steps a resumed run will redo (metrics, evals), so no file repeats a step."""
-    if path.is_file():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start_step]
-        path.write_text("".join(l + "\n" for l in keep))
-
-
 def load_pretrained(model: SiglipModel, cfg: TrainConfig) -> Set[str]:
     """Copy the towers named in ``train.init_towers`` from ``train.init_from``; return the names copied.
 
     t' and b come along only when both towers do: a new tower pair needs a fresh temperature and bias.
     """
-    from sigscale.pretrain.interop import load_model
-
     source = load_model(cfg.init_from).state_dict()
     towers = set(cfg.init_towers) | ({"head"} if set(cfg.init_towers) >= {"vision", "text"} else set())
     copied = set()
@@ -198,161 +178,186 @@ def build_model(cfg: ExperimentConfig, info: DistInfo, vocab_size: int) -> Tuple
     return model, pretrained
 
 
+@dataclass
+class StepEvent:
+    """What a step hook sees after each optimizer step (benchmarks measure memory here)."""
+    step: int
+    model: torch.nn.Module  # as the step calls it: FSDP2 module, DDP wrapper or DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    stats: StepStats
+
+
+StepHook = Callable[[StepEvent], None]
+
+
+def prepare_tokenizer(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> Tokenizer:
+    """The run's own copy of its tokenizer: ``tokenizer.model``, or one trained on ``data.caption_corpus``."""
+    t = cfg.tokenizer
+    if not t.model and not cfg.data.caption_corpus:
+        raise ConfigError("tokenizer.model is empty and so is data.caption_corpus; set tokenizer.model=PATH.model "
+                          "(`sigscale tokenizer` trains one) or data.caption_corpus=captions.txt to train one here")
+    # Checked on every rank, so that a bad path fails everywhere alike instead of hanging the barrier below.
+    if t.model:
+        Tokenizer(t.model)
+    elif not Path(cfg.data.caption_corpus).is_file():
+        raise ConfigError(f"data.caption_corpus={cfg.data.caption_corpus} is not a file; give the captions.txt "
+                          "that `sigscale curate` writes, or set tokenizer.model")
+    if info.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not t.model:
+            train_tokenizer(cfg.data.caption_corpus, run.tokenizer, vocab_size=t.vocab_size, model_type=t.model_type)
+        elif Path(t.model).absolute() != run.tokenizer:
+            shutil.copyfile(t.model, run.tokenizer)
+    if info.world_size > 1:
+        dist.barrier()
+    return Tokenizer(run.tokenizer, t.context_length, t.pad_id, t.canonicalize)
+
+
+def built_config(cfg: ExperimentConfig, tokenizer: Tokenizer) -> ExperimentConfig:
+    """The config as the run was built: the tokenizer's vocabulary and file, absolute data paths."""
+    built = dataclasses.replace(cfg)
+    built.model = dataclasses.replace(cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size))
+    built.tokenizer = dataclasses.replace(cfg.tokenizer, model=str(tokenizer.path))
+    built.data = dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).absolute()) if cfg.data.shards else "",
+                                     caption_corpus=str(Path(cfg.data.caption_corpus).absolute()) if cfg.data.caption_corpus else "")
+    built.train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir).absolute()))
+    return built
+
+
+def _resume(ckpt: Checkpointer, cfg: ExperimentConfig, info: DistInfo, resume: bool) -> Tuple[int, DataPosition, int]:
+    """(start step, data position, data seed) from the newest checkpoint, or a fresh start."""
+    position, data_seed = DataPosition.start(cfg.data.num_workers), cfg.data.seed + cfg.train.seed
+    restored = ckpt.restore() if resume else None
+    if restored is None:
+        return 0, position, data_seed
+    if restored.data is not None:
+        position = DataPosition(**restored.data)
+    else:  # another world size: streams are laid out differently, start a fresh shard order
+        data_seed += restored.step
+        if info.is_main:
+            warnings.warn(f"resuming {restored.path} written by {restored.saved_world_size} ranks on "
+                          f"{info.world_size}: weights and optimizer resharded, data order restarts")
+    if info.is_main:
+        print(f"resumed from {restored.path} at step {restored.step}", flush=True)
+    return restored.step, position, data_seed
+
+
+class NonFinitePolicy:
+    """Skip a step whose loss is NaN/inf; stop after ``limit`` in a row instead of corrupting weights."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, step: int, stats: StepStats) -> bool:
+        """True when the step counts; raises after too many skipped steps in a row."""
+        if stats.finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        warnings.warn(f"step {step}: non-finite loss {stats.loss.item()}, step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} consecutive non-finite losses up to step {step}; lower train.lr, check the "
+                "data for broken samples, or raise train.max_nonfinite_steps")
+        return False
+
+
+def _global_values(stats: StepStats, lr: float, world: int, skipped: Counter) -> Dict:
+    """The step's loss and mean logits over the global batch (each rank holds its share), for the log."""
+    summary = torch.cat([stats.loss.view(1).float(), stats.logits])
+    if world > 1:
+        dist.all_reduce(summary, op=dist.ReduceOp.AVG)
+    loss, pos_logit, neg_logit = summary.tolist()
+    return {"loss": loss, "t": stats.t, "b": stats.b, "lr": lr, "pos_logit": pos_logit, "neg_logit": neg_logit,
+            "grad_norm": stats.grad_norm, "skipped": dict(skipped)}
+
+
+def _next_micro_batches(data, position: DataPosition, skipped: Counter, accum: int, device: torch.device) -> List:
+    batches = []
+    for _ in range(accum):
+        batch = next(data)
+        position.advance(batch)
+        skipped.update(batch["skipped"])
+        batches.append((batch["pixels"].to(device), batch["tokens"].to(device)))
+    return batches
+
+
+def _save_final_weights(model: torch.nn.Module, cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> Optional[Path]:
+    """Full (unsharded) weights with the config in their metadata; every rank takes part in the gather."""
+    state = full_state_dict(model)
+    if not info.is_main:
+        return None
+    save_file({k: v.contiguous() for k, v in state.items()}, str(run.weights),
+              metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})
+    return run.weights
+
+
+def build_engine(cfg: ExperimentConfig, info: DistInfo, vocab_size: int
+                 ) -> Tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Model (sharded, or a DeepSpeed engine), optimizer and schedule, as the training loop steps them."""
+    model, pretrained = build_model(cfg, info, vocab_size)
+    opt = build_optimizer(model, cfg.train, pretrained)
+    sched = build_schedule(opt, cfg.train)
+    if uses_deepspeed(cfg.train, info):
+        model = deepspeed_engine(model, opt, cfg.train, info, check_world_size(cfg, info.world_size))
+    return model, opt, sched
+
+
 def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True,
-          should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+          should_stop: Optional[Callable[[], bool]] = None, evaluator: Optional[Evaluator] = None,
+          hooks: Sequence[StepHook] = ()) -> TrainResult:
     """Train from ``cfg`` on this process's rank, resuming from the run's latest checkpoint if any.
 
     ``should_stop`` is polled at every step boundary (e.g. a flag set by a preemption signal); when it
     is true on any rank, all ranks write a checkpoint of the steps done so far and return with
-    ``stopped_early`` set, so a requeued job resumes exactly there.
+    ``stopped_early`` set, so a requeued job resumes exactly there. ``evaluator`` runs every
+    ``eval.every_steps`` and at the end; ``hooks`` see every step.
     """
     info = info or init_distributed()
     micro = check_world_size(cfg, info.world_size)
-    if cfg.eval.benchmarks:  # a typo in a benchmark must not wait for the first eval to surface
-        from sigscale.eval.config import validate_benchmarks
-
-        validate_benchmarks(cfg.eval)
-    run_dir = Path(cfg.train.out_dir)
-    tokenizer = Tokenizer(cfg.tokenizer.model, cfg.tokenizer.context_length, cfg.tokenizer.pad_id,
-                          cfg.tokenizer.canonicalize)
-    # The text vocabulary follows the tokenizer.
-    model, pretrained = build_model(cfg, info, tokenizer.vocab_size)
-    flops = tower_flops_per_sample(resolve_model_config(cfg.model, text_vocab_size=tokenizer.vocab_size))
-    peak = peak_tflops(cfg.train, info.device)
-    opt = build_optimizer(model, cfg.train, pretrained)
-    sched = build_schedule(opt, cfg.train)
-    if uses_deepspeed(cfg.train, info):
-        model = deepspeed_engine(model, opt, cfg.train, info, micro)
-    ckpt_dir = run_dir / "checkpoints"
-    start_step, position, data_seed = 0, DataPosition.start(cfg.data.num_workers), cfg.data.seed + cfg.train.seed
-    resume_from = latest_checkpoint(ckpt_dir) if resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, opt)
-        start_step = state["shared"]["step"]
-        sched.load_state_dict(state["shared"]["schedule"])
-        if state["private"] is not None:
-            position = DataPosition(**state["private"]["data"])
-            torch.set_rng_state(state["private"]["rng"])
-        else:  # another world size: streams are laid out differently, start a fresh shard order
-            data_seed += start_step
-            if info.is_main:
-                warnings.warn(f"resuming {resume_from} written by {state['saved_world_size']} ranks on "
-                              f"{info.world_size}: weights and optimizer resharded, data order restarts")
-        if info.is_main:
-            print(f"resumed from {resume_from} at step {start_step}", flush=True)
-    loader = make_loader(cfg.data.shards, tokenizer, cfg.model.vision.image_size, micro, info.rank,
-                         info.world_size, cfg.data.num_workers, data_seed, cfg.data.shuffle_buffer, position)
+    if cfg.eval.benchmarks and evaluator is None:
+        raise ConfigError("eval.benchmarks is set but train() was given no evaluator; pass "
+                          "evaluator=sigscale.eval.run.BenchmarkEvaluator(cfg.eval) (the CLI does), or clear eval.benchmarks")
+    run = RunDir(cfg.train.out_dir)
+    tokenizer = prepare_tokenizer(cfg, run, info)
+    cfg = built_config(cfg, tokenizer)
+    model, opt, sched = build_engine(cfg, info, tokenizer.vocab_size)
+    ckpt = Checkpointer(run.checkpoints, model, opt, sched, cfg.train.keep_last)
+    start, position, data_seed = _resume(ckpt, cfg, info, resume)
+    loader = make_loader(cfg.data.shards, tokenizer, cfg.model.vision.image_size, micro, info.rank, info.world_size,
+                         cfg.data.num_workers, data_seed, cfg.data.shuffle_buffer, position)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        _truncate_metrics(run_dir / "eval.jsonl", start_step + 1)
-    metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
-    tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step) if info.is_main else None
-    result = TrainResult(run_dir)
-    skipped: Counter = Counter()
-    bad_steps, t_last = 0, time.perf_counter()
-    data = iter(loader)
-    # A progress bar with ETA on an interactive terminal; plain log lines otherwise (Slurm logs, CI).
-    bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True) \
-        if info.is_main and sys.stdout.isatty() else None
-    def maybe_evaluate(done: int) -> None:
-        every = cfg.eval.every_steps
-        if not cfg.eval.benchmarks or not (done == cfg.train.steps or (every and done % every == 0)):
-            return
-        from sigscale.eval.report import headline
-        from sigscale.eval.run import evaluate
-
-        results = evaluate(model, tokenizer, cfg.eval, info.rank, info.world_size)  # collective
-        if info.is_main:
-            with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "eval": results}) + "\n")
-            numbers = headline({"benchmarks": results})
-            for name, value in numbers.items():
-                tb.add_scalar(f"eval/{name.replace(' ', '/')}", value, done)
-            line = "  ".join(f"{k} {v:.1f}" for k, v in numbers.items())
-            bar.write(f"eval @ {done}: {line}") if bar else print(f"eval @ {done}: {line}", flush=True)
-
-    def checkpoint(done: int) -> None:
-        save_checkpoint(ckpt_dir, done, model, opt,
-                        shared={"step": done, "schedule": sched.state_dict()},
-                        private={"data": {"batches": position.batches, "raw": list(position.raw)},
-                                 "rng": torch.get_rng_state()},
-                        keep_last=cfg.train.keep_last)
-
-    for step in range(start_step, cfg.train.steps):
-        if should_stop is not None and _any_rank(should_stop(), info):
-            if latest_checkpoint(ckpt_dir) != ckpt_dir / f"step_{step:08d}":
-                checkpoint(step)
+        run.config.write_text(to_yaml(cfg))
+    peak = peak_tflops(cfg.train, info.device)
+    log = RunLog(run, cfg.train, start, info.is_main, sum(tower_flops_per_sample(cfg.model).values()),
+                 peak * info.world_size if peak else None)
+    periodic_eval = PeriodicEval(evaluator, cfg.eval.every_steps, cfg.train.steps)
+    nonfinite = NonFinitePolicy(cfg.train.max_nonfinite_steps)
+    result, skipped, data = TrainResult(run.root), Counter(), iter(loader)
+    for step in range(start, cfg.train.steps):
+        if should_stop is not None and any_rank(should_stop()):
+            if not ckpt.has(step):
+                ckpt.save(step, dataclasses.asdict(position))
             result.stopped_early = True
             break
-        micro_batches = []
-        for _ in range(cfg.train.accum_steps):
-            batch = next(data)
-            position.advance(batch)
-            skipped.update(batch["skipped"])
-            micro_batches.append((batch["pixels"].to(info.device), batch["tokens"].to(info.device)))
+        micro_batches = _next_micro_batches(data, position, skipped, cfg.train.accum_steps, info.device)
         stats = train_step(model, opt, micro_batches, cfg, info)
-        if not stats.finite:
-            bad_steps += 1
-            warnings.warn(f"step {step}: non-finite loss {stats.loss.item()}, step skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{bad_steps} consecutive non-finite losses up to step {step}; lower train.lr, check the "
-                    "data for broken samples, or raise train.max_nonfinite_steps"
-                )
+        if not nonfinite.check(step, stats):
             opt.zero_grad(set_to_none=True)
             continue
-        bad_steps = 0
+        lr = sched.get_last_lr()[0]  # the rate this step trained at
         sched.step()
-        # Each rank holds its share of the loss and its mean logits; the mean over ranks is the global value.
-        summary = torch.cat([stats.loss.view(1).float(), stats.logits])
-        if info.world_size > 1:
-            dist.all_reduce(summary, op=dist.ReduceOp.AVG)
-        global_loss, pos_logit, neg_logit = summary.tolist()
-        result.losses.append(global_loss)
-        if metrics and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-            now = time.perf_counter()
-            images_per_s = cfg.train.batch_size * (1 if step == 0 else cfg.train.log_every) / (now - t_last)
-            t_last = now
-            # Model FLOPs (fwd + 2x for bwd); recomputation and the accumulation re-run are not counted.
-            tflops = images_per_s * 3 * (flops["vision"] + flops["text"]) / 1e12
-            record = {
-                "step": step, "loss": result.losses[-1], "t": stats.t, "b": stats.b, "lr": sched.get_last_lr()[0],
-                "pos_logit": pos_logit, "neg_logit": neg_logit,
-                "grad_norm": stats.grad_norm, "images_per_s": images_per_s, "tflops_per_s": tflops,
-                "mfu": tflops / (peak * info.world_size) if peak else None,
-                "skipped": dict(skipped),
-            }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            for key, value in record.items():
-                if isinstance(value, float):
-                    tb.add_scalar(f"train/{key}", value, step)
-            line = (f"step {step:>6}  loss {record['loss']:.4f}  t {record['t']:.2f}  b {record['b']:.2f}  "
-                    f"lr {record['lr']:.2e}  {images_per_s:.0f} img/s")
-            bar.write(line) if bar else print(line, flush=True)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        values = _global_values(stats, lr, info.world_size, skipped)
+        result.losses.append(values["loss"])
+        log.step(step, values)
+        for hook in hooks:
+            hook(StepEvent(step, model, opt, stats))
         done = step + 1
-        maybe_evaluate(done)  # before the checkpoint: a run killed in between redoes the step and its eval
+        periodic_eval.maybe_run(done, model, tokenizer, info, log)  # before the checkpoint: a kill in between redoes both
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
-            checkpoint(done)
-    if bar:
-        bar.close()
+            ckpt.save(done, dataclasses.asdict(position))
+    log.close()
     result.skipped_samples = dict(skipped)
-    if result.stopped_early:
-        if info.is_main:
-            metrics.close()
-            tb.close()
-        return result
-    # Full (unsharded) weights for evaluation and export: every rank takes part in the gather.
-    state = full_state_dict(model)
-    if info.is_main:
-        metrics.close()
-        tb.close()
-        result.final_weights = run_dir / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(result.final_weights),
-                  metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})
+    if not result.stopped_early:
+        result.final_weights = _save_final_weights(model, cfg, run, info)
     return result

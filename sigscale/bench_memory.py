@@ -19,6 +19,22 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+import torch.distributed as dist
+from torch._C._autograd import DeviceType
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
+
+from sigscale import CONFIG_DIR
+from sigscale.core.config import ConfigError, find_config
+from sigscale.core.distributed import init_distributed, torchrun_command
+from sigscale.core.manifest import write_shards
+from sigscale.curation.synthetic import shard_records
+from sigscale.pretrain.config import PRESETS, load_config
+from sigscale.pretrain.sharding import is_deepspeed
+from sigscale.pretrain.tokenizer import train_tokenizer
+from sigscale.pretrain.train import train
+
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 MEMORY_METHOD = ("owned bytes: parameters + gradients + optimizer state after an optimizer step (DTensor "
                  "to_local() shards); peak: bytes owned at the end of step 0 + peak of torch-profiler CPU "
@@ -27,9 +43,9 @@ MEMORY_METHOD = ("owned bytes: parameters + gradients + optimizer state after an
 
 def write_bench_data(root: Path, samples: int = 512, vocab_size: int = 600, seed: int = 4) -> Tuple[Path, Path]:
     """Generated webdataset shards + manifest and a SentencePiece tokenizer for engine benchmarks."""
-    from sigscale.curation.manifest import write_shards
-    from sigscale.curation.synthetic import shard_records
-    from sigscale.pretrain.tokenizer import train_tokenizer
+
+
+
 
     root = Path(root)
     shards = root / "shards"
@@ -58,48 +74,34 @@ def rss_hwm_bytes(pid: int | str = "self") -> int:
 
 def local_bytes(t: Any) -> int:
     """Bytes this rank stores for ``t``: the local shard of a DTensor, the tensor itself otherwise."""
-    from torch.distributed.tensor import DTensor
+
 
     if isinstance(t, DTensor):
         t = t.to_local()
     return t.numel() * t.element_size()
 
 
-def owned_bytes(opt: Any, model: Any = None) -> Dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes this rank holds for ``model`` trained by ``opt``.
-
-    FSDP2 and DDP optimise the model's own parameters. DeepSpeed ZeRO optimises fp32 partitions of
-    them (the master copy, counted under ``master`` and in ``optimizer``) and keeps each ZeRO-3
-    parameter's local partition in ``ds_tensor``.
-    """
-    import torch
-
-    opt_params = [p for g in opt.param_groups for p in g["params"]]
-    model_params = list(model.parameters()) if model is not None else opt_params
-    state = [v for p in opt_params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    separate = not {id(p) for p in opt_params} & {id(p) for p in model_params}
-    master = sum(local_bytes(p) for p in opt_params) if separate else 0
-    grads = sum(local_bytes(p.grad) for p in model_params if p.grad is not None)
-    if separate:
-        grads += sum(local_bytes(p.grad) for p in opt_params if p.grad is not None)
-    moments = sum(local_bytes(v) for v in state)
-    return {"params": sum(local_bytes(getattr(p, "ds_tensor", p)) for p in model_params), "grads": grads,
-            "optimizer": moments + master, "master": master, "param_tensors": len(opt_params)}
+def owned_bytes(opt: Any, model: Any) -> Dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes this rank holds for ``model`` trained by ``opt``."""
+    params = list(model.parameters())
+    state = [v for g in opt.param_groups for p in g["params"] for v in opt.state.get(p, {}).values()
+             if isinstance(v, torch.Tensor)]
+    return {"params": sum(local_bytes(p) for p in params),
+            "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(local_bytes(v) for v in state), "master": 0, "param_tensors": len(params)}
 
 
-def find_model() -> Any:
-    """The SigLIP model the engine built in this process (the optimizer hook only sees the optimizer)."""
-    import gc
-
-    from sigscale.pretrain.towers import SiglipModel
-
-    return next((o for o in gc.get_objects() if isinstance(o, SiglipModel)), None)
+def step_owned_bytes(opt: Any, model: Any) -> Dict[str, int]:
+    """``owned_bytes`` read by a step hook, after the step released the gradients: each trainable
+    parameter held a gradient of its own (local) size between backward and the optimizer step."""
+    owned = owned_bytes(opt, model)
+    owned["grads"] = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
+    return owned
 
 
 def profiled_peak(prof: Any) -> int:
     """Peak of (bytes allocated − bytes freed) on the CPU allocator over a finished profiler session
     (one call, as ``bench_loss.peak_tensor_bytes``, or steps in the middle of a training run)."""
-    from torch._C._autograd import DeviceType
 
     allocator = [e for e in prof.profiler.kineto_results.events()
                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
@@ -111,7 +113,6 @@ def deepspeed_owned_bytes(engine: Any) -> Dict[str, int]:
     """Bytes a DeepSpeed ZeRO rank holds after its step: model partitions (``ds_tensor`` under ZeRO-3),
     the fp32 master partitions its torch optimizer steps, and their Adam moments. ZeRO releases its
     gradient partitions inside ``step()``, so none are held at this point."""
-    import torch
 
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     master = sum(local_bytes(p) for p in base.state)
@@ -122,40 +123,20 @@ def deepspeed_owned_bytes(engine: Any) -> Dict[str, int]:
 
 
 class StepMemoryRecorder:
-    """Owned bytes after step 0, profiler peak over steps 1..last, without the engine knowing.
+    """A training step hook: owned bytes after step 0, profiler peak over steps 1..last."""
 
-    A global torch optimizer hook sees FSDP2/DDP steps. DeepSpeed steps its optimizer once per
-    parameter sub-group inside ``DeepSpeedEngine.step``, so for it that method is wrapped instead.
-    """
-
-    def __init__(self, steps: int, deepspeed: bool = False):
+    def __init__(self, steps: int):
         self.steps, self.calls, self.prof = steps, 0, None
         self.owned: Dict[str, int] = {}
         self.peak_delta: Optional[int] = None
-        if deepspeed:
-            from deepspeed.runtime.engine import DeepSpeedEngine
 
-            original, recorder = DeepSpeedEngine.step, self
+    def __call__(self, event: Any) -> None:
 
-            def step(engine: Any, *args: Any, **kwargs: Any) -> Any:
-                out = original(engine, *args, **kwargs)
-                recorder._after_step(lambda: deepspeed_owned_bytes(engine))
-                return out
-
-            DeepSpeedEngine.step = step
-            self.handle = None
-        else:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            self.handle = register_optimizer_step_post_hook(
-                lambda opt, *_: self._after_step(lambda: owned_bytes(opt, find_model())))
-
-    def _after_step(self, count: Any) -> None:
-        from torch.profiler import ProfilerActivity, profile
 
         self.calls += 1
         if self.calls == 1:
-            self.owned = count()
+            model = event.model
+            self.owned = deepspeed_owned_bytes(model) if is_deepspeed(model) else step_owned_bytes(event.optimizer, model)
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self.prof.start()
@@ -163,23 +144,20 @@ class StepMemoryRecorder:
             self.prof.stop()
             self.peak_delta = profiled_peak(self.prof)
             self.prof = None
-            if self.handle is not None:
-                self.handle.remove()
 
 
 def _worker(out_dir: str, config: str, overrides: List[str]) -> None:
     """One rank: train with a recorder attached, write rank<r>.json."""
-    import torch.distributed as dist
 
-    from sigscale.pretrain.config import load_config
-    from sigscale.pretrain.sharding import init_distributed
-    from sigscale.pretrain.train import train
+
+
+
 
     cfg = load_config(config, overrides)
     info = init_distributed()
-    rec = StepMemoryRecorder(cfg.train.steps, deepspeed=cfg.train.strategy == "deepspeed" and info.world_size > 1)
+    rec = StepMemoryRecorder(cfg.train.steps)
     t0 = time.perf_counter()
-    result = train(cfg, info, resume=False)
+    result = train(cfg, info, resume=False, hooks=[rec])
     owned = sum(rec.owned[k] for k in ("params", "grads", "optimizer"))
     record = {"rank": info.rank, "world_size": info.world_size, **rec.owned, "owned": owned,
               "params_plus_optimizer": rec.owned["params"] + rec.owned["optimizer"],
@@ -195,8 +173,7 @@ def _worker(out_dir: str, config: str, overrides: List[str]) -> None:
 def launch_engine(world: int, config: str, overrides: Sequence[str], timeout: float = 600) -> List[Dict[str, Any]]:
     """Run the engine on ``world`` torchrun processes with the recorder; per-rank records."""
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "sigscale.bench_memory", out, config, *overrides]
+        cmd = torchrun_command(world, "sigscale.bench_memory", [out, config, *overrides])
         env = jemalloc_env(dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
@@ -206,17 +183,14 @@ def launch_engine(world: int, config: str, overrides: Sequence[str], timeout: fl
 
 def resolve_config(name: str) -> Tuple[str, List[str]]:
     """A benchmark's towers: an experiment YAML, or a model preset trained with the tiny experiment's settings."""
-    from sigscale import CONFIG_DIR
-    from sigscale.pretrain.config import ConfigError
-
-    if Path(name).is_file() or (CONFIG_DIR / name).is_file() or (CONFIG_DIR / f"{name}.yaml").is_file():
+    try:
+        find_config(name)
         return name, []
-    from sigscale.pretrain.towers import PRESETS
-
-    if name in PRESETS:
-        return "tiny", [f"model.preset={name}", f"tokenizer.context_length={PRESETS[name].text.context_length}"]
-    raise ConfigError(f"benchmark config {name!r} is neither an experiment YAML in {CONFIG_DIR} nor a model preset; "
-                      f"pass one of those or a preset from {sorted(PRESETS)}")
+    except ConfigError:
+        if name not in PRESETS:
+            raise ConfigError(f"benchmark config {name!r} is neither an experiment YAML in {CONFIG_DIR} nor a model "
+                              f"preset; pass one of those or a preset from {sorted(PRESETS)}") from None
+    return "tiny", [f"model.preset={name}", f"tokenizer.context_length={PRESETS[name].text.context_length}"]
 
 
 def engine_overrides(shards: Path, tok: Path, out_dir: Path, batch: int, steps: int, strategy: str,
@@ -271,7 +245,7 @@ def run_memory_bench(out_json: str | os.PathLike = "bench_results/memory.json", 
 
 def _run_memory_bench(work: Path, out_json: str | os.PathLike, config: str, world_sizes: Sequence[int],
                       strategies: Sequence[str], batch: int, steps: int, extra: Sequence[str]) -> Dict[str, Any]:
-    from sigscale.pretrain.config import load_config
+
     from sigscale.pretrain.plan import fsdp_rank_numel, parameter_shapes, plan
     from sigscale.pretrain.tokenizer import Tokenizer
 

@@ -5,11 +5,10 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 STAGE_PACKAGES = ("curation", "eval", "slurm", "pretrain")
 
@@ -21,21 +20,25 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from sigscale.pretrain.config import to_yaml
+    from sigscale.core.config import to_yaml
 
     print(to_yaml(_config(args)), end="")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "RANK" not in os.environ:
+    from sigscale.core.distributed import launched_by_torchrun, torchrun_command
+
+    if args.nproc > 1 and not launched_by_torchrun():
         # Re-launch this command under torchrun: one process per rank, env-based rendezvous.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "sigscale.cli", "train", "--config", args.config, *args.overrides]
-        return subprocess.call(cmd)
+        train_args = ["train", "--config", args.config, *args.overrides] + (["--no-resume"] if args.no_resume else [])
+        return subprocess.call(torchrun_command(args.nproc, "sigscale.cli", train_args))
+    from sigscale.eval.run import BenchmarkEvaluator
     from sigscale.pretrain.train import train
 
-    result = train(_config(args), resume=not args.no_resume)
+    cfg = _config(args)
+    evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
+    result = train(cfg, resume=not args.no_resume, evaluator=evaluator)
     if result.final_weights:
         print(f"weights: {result.final_weights}")
     return 0
@@ -205,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from sigscale.errors import SigscaleError
-    from sigscale.pretrain.config import ConfigError
+    from sigscale.core.config import ConfigError
+    from sigscale.core.errors import SigscaleError
 
     try:
         return args.fn(args)

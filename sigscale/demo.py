@@ -3,8 +3,9 @@
 URL list on a loopback image server → `sigscale curate` (img2dataset and the filters) → SentencePiece
 on the curated captions → `sigscale train` (FSDP2 over local processes, or a Slurm job) → evaluation of
 every kept checkpoint on held-out XM3600-format and ImageFolder sets → JSON/Markdown/HTML report.
-Every stage runs through the same command a user would type, in a subprocess, so the demo exercises
-the real entry points.
+Curation and training run through the same command a user would type (`sigscale curate`,
+`sigscale train` or `sigscale submit train`), in a subprocess; the tokenizer, the evaluation and the
+report are called through the Python API those commands wrap.
 """
 from __future__ import annotations
 
@@ -54,13 +55,15 @@ def _sigscale(*args: str) -> List[str]:
 
 def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoid", cluster: str = "") -> Path:
     """Run every stage into ``out``; returns the HTML report's path."""
-    from sigscale.curation.manifest import load_manifest
+    from sigscale.core.manifest import load_manifest
     from sigscale.curation.serve import ImageServer, write_url_list
     from sigscale.eval.config import EvalJobConfig
     from sigscale.eval.run import evaluate_checkpoints
     from sigscale.eval.report import headline, write_report
-    from sigscale.pretrain.config import EvalConfig, config_hash, load_config
-    from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
+    from sigscale.core.config import config_hash
+    from sigscale.pretrain.config import EvalConfig, load_config
+    from sigscale.core.rundir import RunDir
+    from sigscale.pretrain.tokenizer import Tokenizer
 
     size = QUICK if quick else FULL
     out = Path(out)
@@ -83,18 +86,17 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     print(f"   kept {manifest.num_samples} of {size.samples} rows in {len(manifest.shards)} shards; "
           f"dropped: {stats.get('dropped', {})}")
 
-    _stage("tokenizer: SentencePiece BPE with byte fallback on the curated captions")
-    # BPE: on this small templated corpus unigram keeps few whole words (hi/ru captions came out
-    # at 38-47 pieces vs 9-10 with BPE, measured), and the tiny text tower reads 16 tokens.
-    tok_path = train_tokenizer(shards / "captions.txt", out / "tokenizer.model", vocab_size=1000, model_type="bpe")
-    print(f"   vocab {Tokenizer(tok_path, context_length=16).vocab_size}: {tok_path}")
-
     where = f"a Slurm job ({cluster})" if cluster else f"FSDP2 over {nproc} local processes"
-    _stage(f"train: tiny SigLIP, {where}, chunked {loss} loss, batch {size.batch}, {size.steps} steps")
+    _stage(f"train: SentencePiece BPE on the curated captions, then tiny SigLIP, {where}, chunked {loss} loss, "
+           f"batch {size.batch}, {size.steps} steps")
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        f"data.shards={shards}", f"tokenizer.model={tok_path}", "tokenizer.model_type=bpe",
+        # The run trains its tokenizer (tokenizer.model left empty): BPE with byte fallback, because on this
+        # small templated corpus unigram keeps few whole words (hi/ru captions came out at 38-47 pieces
+        # vs 9-10 with BPE, measured), and the tiny text tower reads 16 tokens.
+        f"data.shards={shards}", f"data.caption_corpus={shards / 'captions.txt'}",
+        "tokenizer.vocab_size=1000", "tokenizer.model_type=bpe",
         f"train.out_dir={run_dir}", "train.strategy=fsdp", f"train.loss={loss}",
         f"train.steps={size.steps}", f"train.warmup_steps={size.steps // 15}", f"train.batch_size={size.batch}",
         f"train.lr={size.lr}", "train.log_every=50", f"train.ckpt_every={size.steps // 3}", "train.keep_last=3",
@@ -107,6 +109,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     else:
         _run(_sigscale("train", "--config", "tiny", "--nproc", str(nproc), "--no-resume", *overrides), "training", threads)
     cfg = load_config("tiny", overrides)
+    print(f"   tokenizer: vocab {Tokenizer(RunDir(run_dir).tokenizer).vocab_size}, {RunDir(run_dir).tokenizer}")
 
     _stage("eval: every kept checkpoint on the held-out XM3600-format and classification sets")
     job = EvalJobConfig(checkpoints=[str(run_dir / "checkpoints")], out=str(out / "report"),

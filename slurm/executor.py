@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-from sigscale.errors import SigscaleError
+from sigscale.core.errors import SigscaleError
 
 CLUSTERS = ("slurm", "local")
 

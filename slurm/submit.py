@@ -20,7 +20,8 @@ def _absolute(path: str) -> str:
 
 def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
     """One job of ``nodes × tasks_per_node`` ranks running ``train(cfg)``; it requeues itself on preemption."""
-    from sigscale.pretrain.config import check_world_size, to_yaml
+    from sigscale.core.config import to_yaml
+    from sigscale.pretrain.config import check_world_size
     from sigscale.slurm.train_job import TrainJob
 
     cfg = dataclasses.replace(

@@ -32,6 +32,7 @@ class TrainJob(Checkpointable):
         import submitit
         import torch.distributed as dist
 
+        from sigscale.eval.run import BenchmarkEvaluator
         from sigscale.pretrain.config import config_from_yaml
         from sigscale.pretrain.train import train
 
@@ -40,6 +41,7 @@ class TrainJob(Checkpointable):
         # init_distributed reads them. All GPUs of the node stay visible: LOCAL_RANK picks one.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = config_from_yaml(self.config_yaml, source="submitted config")
+        evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
         sig = env._usr_sig()
         requeue = signal.getsignal(sig)  # submitit's checkpoint-and-requeue handler
         stop = threading.Event()
@@ -50,7 +52,7 @@ class TrainJob(Checkpointable):
         # workers, so block it for the whole run: only USR2 (the flag) and SIGKILL act.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            result = train(cfg, should_stop=stop.is_set)
+            result = train(cfg, should_stop=stop.is_set, evaluator=evaluator)
         finally:
             signal.signal(sig, requeue)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

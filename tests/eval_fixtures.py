@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image
 
-from sigscale.curation.manifest import write_shards
+from sigscale.core.manifest import write_shards
 from sigscale.eval import xm3600
 from sigscale.pretrain.tokenizer import train_tokenizer
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from sigscale.bench_memory import run_memory_bench
-from sigscale.pretrain.config import ConfigError
+from sigscale.core.config import ConfigError
 
 
 @pytest.mark.multiproc

@@ -5,7 +5,7 @@ import pytest
 
 from sigscale.bench_train import PEERS, run_train_bench, write_open_clip_model
 from sigscale.cli import main
-from sigscale.pretrain.config import ConfigError
+from sigscale.core.config import ConfigError
 
 
 @pytest.mark.multiproc

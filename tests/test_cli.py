@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 from transformers import SiglipModel as HFSiglipModel
 
 from sigscale.cli import main
-from sigscale.pretrain.config import load_config, to_yaml
+from sigscale.core.config import to_yaml
+from sigscale.pretrain.config import load_config
 from sigscale.pretrain.interop import load_model
 from sigscale.pretrain.towers import create_model
 

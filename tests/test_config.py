@@ -4,7 +4,9 @@ import math
 import pytest
 
 from sigscale import CONFIG_DIR
-from sigscale.pretrain.config import ConfigError, check_world_size, config_hash, load_config
+from sigscale.core.config import ConfigError
+from sigscale.core.config import config_hash
+from sigscale.pretrain.config import check_world_size, load_config
 
 
 def write(tmp_path, text, name="exp.yaml"):

@@ -145,7 +145,8 @@ def tiny_scorer(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from sigscale.pretrain.config import load_config, to_yaml
+    from sigscale.core.config import to_yaml
+    from sigscale.pretrain.config import load_config
     from sigscale.pretrain.tokenizer import train_tokenizer
     from sigscale.pretrain.towers import create_model
 

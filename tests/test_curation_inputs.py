@@ -7,7 +7,7 @@ import pytest
 from sigscale import CONFIG_DIR
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.sources import read_url_list
-from sigscale.pretrain.config import ConfigError
+from sigscale.core.config import ConfigError
 
 ROWS = pd.DataFrame({
     "URL": ["http://a.example/1.jpg", "http://a.example/2.jpg", "https://b.example/3.png"],
@@ -131,7 +131,7 @@ def test_more_config_errors():
         load_curation_config("default", ["output.dir=o"])
     with pytest.raises(ConfigError, match=r"output.dir is empty"):
         load_curation_config("default", ["input.path=u"])
-    with pytest.raises(ConfigError, match=r"curation config nope.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"config nope.yaml does not exist; give a YAML path or a name from .*configs/curation"):
         load_curation_config("nope.yaml")
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from sigscale.cli import main
 from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
-from sigscale.curation.manifest import load_manifest
+from sigscale.core.manifest import load_manifest
 from sigscale.curation.pipeline import curate, finalize, load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
 

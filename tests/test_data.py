@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from sigscale.curation.manifest import ManifestError, load_manifest, write_shards
+from sigscale.core.manifest import ManifestError, load_manifest, write_shards
 from sigscale.curation.synthetic import shard_records
 from sigscale.pretrain.data import DataPosition, make_loader
 from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer

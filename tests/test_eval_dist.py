@@ -10,7 +10,8 @@ from sigscale.eval.embed import embed_images, embed_texts
 from sigscale.eval.run import evaluate, load_for_eval
 from sigscale.eval.xm3600 import load_xm3600
 from sigscale.pretrain.checkpoint import save_checkpoint
-from sigscale.pretrain.config import load_config, to_yaml
+from sigscale.core.config import to_yaml
+from sigscale.pretrain.config import load_config
 from sigscale.pretrain.interop import load_model
 from sigscale.pretrain.tokenizer import Tokenizer
 from sigscale.pretrain.towers import create_model

@@ -12,7 +12,7 @@ from sigscale.eval.imagenet import CLIP_TEMPLATES, IMAGENET_CLASSNAMES, IMAGENET
 from sigscale.eval.retrieval import recall_at_k
 from sigscale.eval.xm3600 import XM3600Error, captions_by_language, evaluate_xm3600, languages_in, load_xm3600, record
 from sigscale.eval.zeroshot import ZeroShotError, canonicalize_prompt, load_image_folder, prompts, topk_accuracy
-from sigscale.pretrain.config import ConfigError
+from sigscale.core.config import ConfigError
 from sigscale.pretrain.tokenizer import Tokenizer
 from sigscale.pretrain.towers import create_model
 
@@ -162,7 +162,7 @@ def test_benchmark_config_errors(tmp_path):
         validate_benchmarks(BenchmarkConfig(benchmarks=["imagenet"]))
     with pytest.raises(ConfigError, match=r"eval.xm3600_dir=.*missing does not exist"):
         validate_benchmarks(BenchmarkConfig(benchmarks=["xm3600"], xm3600_dir=str(tmp_path / "missing")))
-    with pytest.raises(ConfigError, match=r"unknown eval config key 'eval.xm3600_root'.*did you mean 'eval.xm3600_dir'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval.xm3600_root'.*did you mean 'eval.xm3600_dir'"):
         load_eval_config("siglip_paper", ["eval.xm3600_root=/x"])
     job = load_eval_config("siglip_paper", [f"eval.imagenet_dir={tmp_path}", f"eval.xm3600_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="no checkpoints to evaluate"):

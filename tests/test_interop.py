@@ -15,7 +15,8 @@ from transformers import SiglipModel as HFSiglipModel, SiglipTokenizer
 
 from sigscale.pretrain.interop import export_hf, export_open_clip, import_hf, import_open_clip
 from sigscale.pretrain.tokenizer import train_tokenizer
-from sigscale.pretrain.towers import PRESETS, create_model
+from sigscale.pretrain.config import PRESETS
+from sigscale.pretrain.towers import create_model
 
 TINY = PRESETS["tiny"]
 NO_PROJ = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, projection=False))

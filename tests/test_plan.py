@@ -8,13 +8,15 @@ import torch
 from sigscale.bench_loss import peak_tensor_bytes
 from sigscale.bench_memory import owned_bytes
 from sigscale.cli import main
-from sigscale.pretrain.config import ConfigError, load_config
+from sigscale.core.config import ConfigError
+from sigscale.pretrain.config import load_config
 from sigscale.pretrain.loss import chunked_sigmoid_loss, default_chunk_size
 from sigscale.pretrain.optim import build_optimizer
 from sigscale.pretrain.plan import (PlanError, check_fits, default_chunk, loss_bytes, parameter_shapes, parse_bytes,
                                     plan, tower_activation_bytes)
 from sigscale.pretrain.sharding import apply_activation_checkpointing
-from sigscale.pretrain.towers import PRESETS, create_model
+from sigscale.pretrain.config import PRESETS
+from sigscale.pretrain.towers import create_model
 
 # Activations and the loss are a model of what autograd keeps: held to this relative tolerance.
 TOLERANCE = 0.30
@@ -51,7 +53,7 @@ def test_weights_gradients_and_optimizer_bytes_are_exact(preset):
     opt = build_optimizer(model, cfg.train)
     _step(model, opt, 4, cfg)()
     opt.step()
-    got = owned_bytes(opt)
+    got = owned_bytes(opt, model)
     row = plan(cfg, 1, 2**40).strategies["ddp"]
     assert (got["params"], got["grads"], got["optimizer"]) == (row.params, row.grads, row.optimizer)
 

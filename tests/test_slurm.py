@@ -128,7 +128,7 @@ def _times(job_id: str, field: str) -> list:
 @slurm
 def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.manifest import load_manifest
+    from sigscale.core.manifest import load_manifest
     from sigscale.curation.serve import ImageServer, write_url_list
 
     with ImageServer() as server:
@@ -176,7 +176,7 @@ def test_eval_array_one_task_per_checkpoint_and_benchmark_matches_in_process_eva
 
 @slurm
 def test_failing_array_task_error_names_the_task_and_its_log(cluster, data, tmp_path):  # noqa: F811
-    from sigscale.curation.manifest import load_manifest
+    from sigscale.core.manifest import load_manifest
 
     tasks = [ArrayTask("good", load_manifest, (data[0] / "manifest.json",)),
              ArrayTask("bad", load_manifest, (tmp_path / "missing" / "manifest.json",))]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sigscale.cli import main
-from sigscale.curation.manifest import load_manifest, write_shards
+from sigscale.core.manifest import load_manifest, write_shards
 from sigscale.curation.synthetic import shard_records
 from sigscale.slurm.arrays import ArrayTask, is_done, submit_array
 from sigscale.slurm.executor import Resources, SubmitError, make_executor, parse_time

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import SiglipConfig, SiglipModel as HFSiglipModel
 
-from sigscale.pretrain.towers import PRESETS, count_params, create_model, param_summary, tower_flops_per_sample
+from sigscale.pretrain.config import PRESETS
+from sigscale.pretrain.towers import count_params, create_model, param_summary, tower_flops_per_sample
 
 
 def vit_params(width, depth, mlp, patch, image, channels=3):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sigscale.curation.manifest import write_shards
+from sigscale.core.config import ConfigError
+from sigscale.core.manifest import write_shards
+from sigscale.eval.run import BenchmarkEvaluator
 from sigscale.curation.synthetic import shard_records
 from sigscale.pretrain.checkpoint import latest_checkpoint, list_checkpoints
 from sigscale.pretrain.config import load_config
@@ -266,7 +268,7 @@ def test_locked_image_tuning_keeps_the_pretrained_tower_fixed(tmp_path, data):
 
 
 def test_init_from_a_checkpoint_with_another_vocabulary_names_the_parameter(tmp_path, data):
-    from sigscale.pretrain.config import ConfigError
+    from sigscale.core.config import ConfigError
 
     base = tmp_path / "base"
     train(load_config("tiny", overrides(data, base, 2, 100)))
@@ -282,7 +284,8 @@ def test_periodic_eval_logs_each_eval_step_once_across_a_resume(tmp_path, data):
     run = tmp_path / "run"
     ev = ["eval.benchmarks=[retrieval]", f"eval.retrieval_shards={shards}", "eval.retrieval_max_samples=64",
           "eval.every_steps=2", "eval.batch_size=32"]
-    train(load_config("tiny", overrides(data, run, 4, 2, ev)))
+    cfg = load_config("tiny", overrides(data, run, 4, 2, ev))
+    train(cfg, evaluator=BenchmarkEvaluator(cfg.eval))
     rows = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     for r in rows:
@@ -292,7 +295,7 @@ def test_periodic_eval_logs_each_eval_step_once_across_a_resume(tmp_path, data):
     import shutil
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     (run / "checkpoints" / "latest").write_text("step_00000002")
-    train(load_config("tiny", overrides(data, run, 4, 2, ev)))
+    train(cfg, evaluator=BenchmarkEvaluator(cfg.eval))
     again = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [2, 4]
     assert again[1]["eval"]["retrieval"]["all"] == pytest.approx(rows[1]["eval"]["retrieval"]["all"])
@@ -304,8 +307,10 @@ def test_periodic_eval_logs_each_eval_step_once_across_a_resume(tmp_path, data):
 
 
 def test_unknown_benchmark_fails_before_training(tmp_path, data):
-    from sigscale.pretrain.config import ConfigError
-
+    cfg = load_config("tiny", overrides(data, tmp_path / "run", 2, 2, ["eval.benchmarks=[xm360]"]))
     with pytest.raises(ConfigError, match="unknown benchmark 'xm360'.*did you mean 'xm3600'"):
-        train(load_config("tiny", overrides(data, tmp_path / "run", 2, 2, ["eval.benchmarks=[xm360]"])))
+        BenchmarkEvaluator(cfg.eval)
+    # Through the API without an evaluator the benchmarks would silently never run: refused instead.
+    with pytest.raises(ConfigError, match="eval.benchmarks is set but train.. was given no evaluator"):
+        train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

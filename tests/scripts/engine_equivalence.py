@@ -10,10 +10,9 @@ import sys
 
 import torch
 
+from sigscale.core.distributed import init_distributed
 from sigscale.pretrain.config import load_config
-from sigscale.pretrain.optim import build_optimizer, build_schedule
-from sigscale.pretrain.sharding import deepspeed_engine, init_distributed, uses_deepspeed
-from sigscale.pretrain.train import build_model, train_step
+from sigscale.pretrain.train import build_engine, train_step
 
 out, strategy, ckpt_v, ckpt_t = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 4
@@ -25,11 +24,8 @@ cfg = load_config("tiny", [f"train.strategy={strategy}", "train.batch_size=24", 
                            f"train.grad_checkpointing.vision={ckpt_v}", f"train.grad_checkpointing.text={ckpt_t}",
                            "train.steps=10", "train.warmup_steps=2", "train.lr=1e-3", "train.loss_chunk_size=5",
                            f"train.accum_steps={accum}", f"train.zero_stage={zero_stage}"])
-model, _ = build_model(cfg, info, vocab_size=cfg.model.text.vocab_size)  # FSDP: meta init, shards from rank 0
-opt, b = build_optimizer(model, cfg.train), cfg.train.batch_size // info.world_size
-sched = build_schedule(opt, cfg.train)
-if uses_deepspeed(cfg.train, info):
-    model = deepspeed_engine(model, opt, cfg.train, info, b // accum)
+model, opt, sched = build_engine(cfg, info, vocab_size=cfg.model.text.vocab_size)  # the training loop's own set-up
+b = cfg.train.batch_size // info.world_size
 g = torch.Generator().manual_seed(1)
 losses, grad_norms = [], []
 for step in range(steps):

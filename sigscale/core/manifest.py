@@ -6,7 +6,7 @@ and language counts, so training can check its input before it starts.
 """
 from __future__ import annotations
 
-from sigscale.errors import SigscaleError
+from sigscale.core.errors import SigscaleError
 import json
 import time
 from collections import Counter

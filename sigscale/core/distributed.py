@@ -1,0 +1,97 @@
+"""Distributed helpers every stage shares: joining the process group, rank agreement, the torchrun launcher.
+
+Nothing here knows about models: how a model is sharded is ``sigscale.pretrain.sharding``'s business.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return dist.group.WORLD if dist.is_initialized() else None
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Join the job's process group from torchrun/Slurm env vars; a lone process stays single."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not dist.is_initialized():
+        return DistInfo(device=torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a rank that torchrun (or Slurm through submitit) started."""
+    return "RANK" in os.environ
+
+
+def torchrun_command(nproc: int, module: str, args: Sequence[str] = ()) -> List[str]:
+    """The command that runs ``python -m module args`` on ``nproc`` local ranks (env rendezvous)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *args]
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the rank's GPU under NCCL, else the CPU."""
+    backend = str(dist.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def any_rank(flag: bool, world: Optional[int] = None) -> bool:
+    """True on every rank when ``flag`` is true on any rank of ``world`` (default: the whole group).
+
+    Decisions that change control flow (skip a step, stop, end of data) must agree on all ranks,
+    or the ranks diverge into different collectives and hang.
+    """
+    if world == 1 or not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_strided(local: torch.Tensor, world: int) -> torch.Tensor:
+    """Reassemble rows that rank r holds for global items r, r + W, ... into the global order, on every rank."""
+    if world == 1:
+        return local
+    dev = collective_device()
+    count = torch.tensor([local.shape[0]], device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = local.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((sum(sizes), *local.shape[1:]), dtype=local.dtype)
+    for r, (part, n) in enumerate(zip(parts, sizes)):
+        out[r::world] = part[:n].cpu()
+    return out
