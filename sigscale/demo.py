@@ -92,9 +92,8 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        # The run trains its tokenizer (tokenizer.model left empty): BPE with byte fallback, because on this
-        # small templated corpus unigram keeps few whole words (hi/ru captions came out at 38-47 pieces
-        # vs 9-10 with BPE, measured), and the tiny text tower reads 16 tokens.
+        # The run trains its tokenizer (tokenizer.model left empty): BPE, as unigram keeps few whole words on
+        # this templated corpus (hi/ru captions: 38-47 pieces vs 9-10 with BPE, measured; the tower reads 16).
         f"data.shards={shards}", f"data.caption_corpus={shards / 'captions.txt'}",
         "tokenizer.vocab_size=1000", "tokenizer.model_type=bpe",
         f"train.out_dir={run_dir}", "train.strategy=fsdp", f"train.loss={loss}",
