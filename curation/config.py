@@ -54,7 +54,10 @@ class TextConfig:
     blocked_patterns: List[str] = field(default_factory=list)  # regexes searched in url and caption
     allow_private_networks: bool = False
     allowed_networks: List[str] = field(default_factory=list)  # CIDRs exempt from the private-address refusal
-    resolve_hosts: bool = True  # DNS-resolve host names to refuse those pointing into private ranges
+    refused_networks: List[str] = field(default_factory=list)  # CIDRs never contacted, even public or allowed
+    # DNS-resolve names in the text stage already (saves fetch attempts); every download hop is
+    # resolved and checked at fetch time whatever this says.
+    resolve_hosts: bool = True
 
 
 @dataclass
@@ -65,8 +68,11 @@ class DownloadConfig:
     encode_quality: int = 95
     processes: int = 2
     threads: int = 32
-    timeout: int = 10  # seconds per socket read (img2dataset), not a total deadline
-    retries: int = 0
+    timeout: int = 10  # seconds one connect or socket read may wait
+    deadline: float = 30.0  # seconds per URL for everything: DNS, connects, redirects, reads, retries
+    max_bytes: int = 32 * 2**20  # body bytes per URL, counted while streaming (image.max_bytes: after re-encoding)
+    max_redirects: int = 5
+    retries: int = 0  # extra attempts after a timeout, connection error or 5xx, within the deadline
     samples_per_shard: int = 10000  # img2dataset's shards inside a part
     # Refused from the image header by OpenCV before decoding (decompression bombs); PIL's default limit.
     max_image_pixels: int = 89_478_485
@@ -182,14 +188,18 @@ def validate(cfg: CurationConfig) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"text.blocked_patterns entry {pattern!r} is not a regular expression: {e}") from None
-    for net in t.allowed_networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(f"text.allowed_networks entry {net!r} is not a CIDR network such as 127.0.0.1/32") from None
-    for key in ("image_size", "processes", "threads", "timeout", "samples_per_shard", "max_image_pixels"):
+    for key in ("allowed_networks", "refused_networks"):
+        for net in getattr(t, key):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"text.{key} entry {net!r} is not a CIDR network such as 127.0.0.1/32") from None
+    for key in ("image_size", "processes", "threads", "timeout", "deadline", "max_bytes", "samples_per_shard",
+                "max_image_pixels"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"download.{key}={getattr(d, key)} must be positive")
+    if d.max_redirects < 0 or d.retries < 0:
+        raise ConfigError(f"download.max_redirects={d.max_redirects} and download.retries={d.retries} must be >= 0")
     if not 0 <= d.encode_quality <= 100:
         raise ConfigError(f"download.encode_quality={d.encode_quality} must be in [0, 100]")
     if im.max_aspect < 1:

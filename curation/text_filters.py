@@ -13,23 +13,23 @@ languages together hold less than ``FOREIGN_MASS`` of the full model's probabili
 """
 from __future__ import annotations
 
-import ipaddress
 import re
-import socket
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
 from sigscale.curation.config import TextConfig
 from sigscale.curation.langid import identifier
+from sigscale.curation.url_policy import (
+    URL_INVALID, URL_PRIVATE, URL_UNRESOLVABLE, UrlPolicy, host_verdict, normalize_host, resolve, split_url,
+)
 
 FOREIGN_MASS = 0.05
-# Drop reasons of the text stage (stats.json counts each row under exactly one).
-URL_INVALID = "url_invalid"
+# Drop reasons of the text stage (stats.json counts each row under exactly one); the URL ones are
+# url_policy's, which the fetch gateway applies to every download hop as well.
 CAPTION_EMPTY = "caption_empty"
 DUPLICATE_URL_CAPTION = "duplicate_url_caption"
 BLOCKED_DOMAIN = "blocked_domain"
@@ -38,24 +38,37 @@ CAPTION_TOO_SHORT = "caption_too_short"
 CAPTION_TOO_LONG = "caption_too_long"
 LANGUAGE_NOT_ALLOWED = "language_not_allowed"
 LANGUAGE_LOW_CONFIDENCE = "language_low_confidence"
-URL_UNRESOLVABLE = "url_unresolvable"
-URL_PRIVATE = "url_private"
 TEXT_REASONS = (URL_INVALID, CAPTION_EMPTY, DUPLICATE_URL_CAPTION, BLOCKED_DOMAIN, BLOCKED_PATTERN, CAPTION_TOO_SHORT, CAPTION_TOO_LONG, LANGUAGE_NOT_ALLOWED, LANGUAGE_LOW_CONFIDENCE, URL_UNRESOLVABLE, URL_PRIVATE)
 # Scripts written without spaces between words: Han, kana, Thai, Lao, Myanmar, Khmer.
 _NO_SPACE = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
 _TOKENS = re.compile(f"[{_NO_SPACE}]+|[^\\s{_NO_SPACE}]+")
 _NO_SPACE_RUN = re.compile(f"[{_NO_SPACE}]+")
 _SPACES = re.compile(r"[\s\u200b\u2028\u2029\ufeff]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 controls but tab/newline/CR (whitespace, collapsed below), DEL and C1 controls; NUL included.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
+# Bidirectional formatting (embeddings, overrides, isolates, marks): they reorder what a reader
+# sees without being text ("Trojan Source", CVE-2021-42574), so training captions never carry them.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+CLEANED = ("control_characters", "bidi_controls")
 
 
 def normalize_caption(text: object) -> Optional[str]:
-    """Unicode NFC, control characters removed, whitespace runs collapsed; None for no text."""
+    """Unicode NFC, control and bidi formatting characters removed, whitespace runs collapsed; None for no text."""
     if text is None or (isinstance(text, float) and np.isnan(text)):
         return None
-    text = _CONTROL.sub("", unicodedata.normalize("NFC", str(text)))
+    text = _BIDI.sub("", _CONTROL.sub("", unicodedata.normalize("NFC", str(text))))
     text = _SPACES.sub(" ", text).strip()
     return text or None
+
+
+def cleaned_counts(captions: Iterable[object]) -> Dict[str, int]:
+    """How many captions :func:`normalize_caption` removes control or bidi formatting characters from."""
+    counts = dict.fromkeys(CLEANED, 0)
+    for text in captions:
+        if isinstance(text, str):
+            counts["control_characters"] += bool(_CONTROL.search(text))
+            counts["bidi_controls"] += bool(_BIDI.search(text))
+    return counts
 
 
 def count_words(text: str) -> int:
@@ -95,64 +108,26 @@ def identify_languages(captions: Iterable[str], allowed: Iterable[str] = ()) -> 
 
 
 def _host(url: object) -> Optional[str]:
-    """Lower-case host of an http(s) URL, or None when the URL is not one we may fetch."""
-    if not isinstance(url, str):
-        return None
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname
-        parts.port  # raises on a malformed port
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not host:
-        return None
-    return host.lower().rstrip(".")
-
-
-def _is_public(ip: ipaddress._BaseAddress) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                or ip.is_multicast or ip.is_unspecified)
-
-
-def _resolve(host: str) -> Optional[List[ipaddress._BaseAddress]]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError, OSError):
-        return None
-    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    """Normalised host of a URL the policy lets us fetch (http(s), well formed), else None."""
+    target = split_url(url)
+    return target.host if target else None
 
 
 def host_verdicts(hosts: Iterable[str], cfg: TextConfig) -> Dict[str, Optional[str]]:
-    """Drop reason per host (URL_PRIVATE, URL_UNRESOLVABLE) or None when it may be fetched.
+    """Drop reason per host (URL_PRIVATE, URL_UNRESOLVABLE, URL_INVALID) or None when it may be fetched.
 
-    Names are resolved here (in threads) so that hosts pointing into private, loopback or
-    link-local ranges are refused before img2dataset connects; a name that resolves differently
-    at download time (DNS rebinding) or a redirect into a private range is not caught here.
+    The decision is ``url_policy.host_verdict``'s, the same the fetch gateway applies to every hop
+    at download time; resolving names here (in threads, when ``text.resolve_hosts``) only saves
+    fetch attempts. Numeric spellings (``2130706433``, ``127.1``) are addresses either way.
     """
     hosts = sorted(set(hosts))
-    if cfg.allow_private_networks:
-        return {h: None for h in hosts}
-    allowed = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
+    policy = UrlPolicy.from_config(cfg)
+    # Nothing a name resolves to can be refused when private ranges are allowed and none is refused.
+    resolver = resolve if cfg.resolve_hosts and (policy.refused or not policy.allow_private) else None
 
     def verdict(host: str) -> Optional[str]:
-        try:
-            ips = [ipaddress.ip_address(host)]
-        except ValueError:
-            if not cfg.resolve_hosts:
-                return None
-            ips = _resolve(host)
-            if not ips:
-                return URL_UNRESOLVABLE
-        for ip in ips:
-            if not _is_public(ip) and not any(ip.version == n.version and ip in n for n in allowed):
-                return URL_PRIVATE
-        return None
+        normal = normalize_host(host)
+        return URL_INVALID if normal is None else host_verdict(normal, policy, resolver)[0]
 
     with ThreadPoolExecutor(32) as pool:
         return dict(zip(hosts, pool.map(verdict, hosts)))
