@@ -34,7 +34,8 @@ from sigscale.curation.image_filters import (IMAGE_REASONS, check_images, contam
                                             near_duplicates)
 from sigscale.curation.report import write_report
 from sigscale.curation.sources import list_files, read_url_list
-from sigscale.curation.text_filters import TEXT_REASONS, filter_text, normalize_and_dedup
+from sigscale.curation.text_filters import TEXT_REASONS, cleaned_counts, filter_text, normalize_and_dedup
+from sigscale.curation.url_policy import UrlPolicy
 
 PLAN = "plan.json"
 DONE = "done.json"
@@ -42,10 +43,11 @@ OUTCOMES = "outcomes.parquet"  # one line per input row: row, reason (null: kept
 # Drop reasons of the finalize step; with the text, download and image stages' these are every reason there is.
 EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE = "eval_duplicate", "near_duplicate", "low_score", "balance"
 FINALIZE_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE)
-DROP_REASONS = TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS
+# A URL reason can come from the text stage or, at fetch time, from the download: listed once.
+DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS))
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
-         "thumb", "score"]
+         "thumb", "score", "final_url"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def plan_parts(cfg: CurationConfig) -> List[Part]:
             )
     t0 = time.perf_counter()
     df = read_url_list(cfg.input)
+    cleaned = cleaned_counts(df["caption"])
     reason = normalize_and_dedup(df)
     (work / "inputs").mkdir(parents=True, exist_ok=True)
     drops = pd.DataFrame({"row": df.loc[reason.notna(), "row"].to_numpy(np.int64),
@@ -115,7 +118,7 @@ def plan_parts(cfg: CurationConfig) -> List[Part]:
         chunk.to_parquet(path.with_suffix(".tmp"), index=False)
         path.with_suffix(".tmp").replace(path)
     _write_json(plan_path, {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
-                            "plan_seconds": round(time.perf_counter() - t0, 3)})
+                            "captions_cleaned": cleaned, "plan_seconds": round(time.perf_counter() - t0, 3)})
     print(f"curate: planned {n} rows in {len(parts)} part(s); {len(drops)} dropped before download", flush=True)
     return parts
 
@@ -147,12 +150,14 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     t0 = time.perf_counter()
     kept, text_drops = filter_text(rows, cfg.text)
     t1 = time.perf_counter()
-    results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download)
+    results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download,
+                       UrlPolicy.from_config(cfg.text))
     t2 = time.perf_counter()
     candidates, image_drops = check_images(results, tmp / "download" / "shards", cfg.image)
     candidates = candidates.merge(
         kept[["row", "url", "caption", "caption_original", "declared_language", "extras", "language",
               "language_confidence"]], on="row", how="left")
+    candidates = candidates.merge(results[["row", "final_url"]], on="row", how="left")
     candidates["part"] = part.index
     candidates["score"] = np.nan
     if cfg.image.score.model and len(candidates):
@@ -236,7 +241,8 @@ def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator
         for r in df[df["row"].isin(kept_rows)].sort_values("row").itertuples(index=False):
             meta = json.loads(r.extras)
             meta.update({"language": r.language, "language_confidence": round(float(r.language_confidence), 4),
-                         "url": r.url, "caption_original": r.caption_original, "row": int(r.row),
+                         "url": r.url, "final_url": r.final_url, "caption_original": r.caption_original,
+                         "row": int(r.row),
                          "width": int(r.width), "height": int(r.height),
                          "original_width": int(r.original_width), "original_height": int(r.original_height)})
             if r.declared_language is not None:
@@ -297,6 +303,8 @@ def finalize(cfg: CurationConfig) -> Path:
     stats = {
         "input_rows": n, "kept": len(kept), "dropped_total": len(drops),
         "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+        # Captions kept after removing these characters (counted per caption), not dropped.
+        "captions_cleaned": plan.get("captions_cleaned", {}),
         "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
         "languages_after": manifest.languages,
         "short_side_histogram": {k: sum(d["short_side_histogram"][k] for d in done)
