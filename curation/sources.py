@@ -5,11 +5,17 @@ rest of the pipeline accounts for it, kept or dropped.
 """
 from __future__ import annotations
 
+import csv
 import json
+import lzma
+import math
+import zlib
 from pathlib import Path
 from typing import List
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sigscale.curation.config import CurationError, InputConfig
 
@@ -49,22 +55,66 @@ def list_files(cfg: InputConfig) -> List[Path]:
     return files
 
 
+# Errors a damaged file raises while it is decompressed or parsed; each becomes one CurationError.
+_READ_ERRORS = (OSError, ValueError, EOFError, UnicodeDecodeError, zlib.error, lzma.LZMAError, csv.Error,
+                pa.ArrowException, pd.errors.ParserError)
+
+
+def _read_csv(path: Path, sep: str) -> pd.DataFrame:
+    """A CSV/TSV read whole, field by field, with the first line as the header.
+
+    pandas' C parser cuts a field at a NUL byte and, when every row ends with an extra separator,
+    silently takes the first column as the index (captions then land in ``url``); its Python parser
+    with an explicit header line does neither. A row longer than the header loses only empty
+    trailing fields; a longer row with text there (an unquoted separator inside a caption) stops
+    the read instead of shifting or truncating its caption.
+    """
+    width = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, engine="python").shape[1]
+
+    def long_row(fields: List[str]) -> List[str]:
+        if any(f.strip() for f in fields[width:]):
+            raise CurationError(
+                f"URL list {path} has a row with {len(fields)} fields where its header has {width} (it starts "
+                f"{fields[0][:80]!r}); quote fields that contain {sep!r} (the csv module's quoting does it)")
+        return fields[:width]
+
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # the Python parser's default of 128 KiB per field would refuse a long caption
+    try:
+        df = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, na_values=[""],
+                         engine="python", on_bad_lines=long_row)
+    finally:
+        csv.field_size_limit(limit)
+    header = [f"Unnamed: {i}" if pd.isna(name) else str(name) for i, name in enumerate(df.iloc[0])] if len(df) else []
+    return df.iloc[1:].set_axis(header, axis=1).reset_index(drop=True)
+
+
 def _read(path: Path, fmt: str, columns: List[str]) -> pd.DataFrame:
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
             have = pq.read_schema(path).names
             return pd.read_parquet(path, columns=[c for c in columns if c in have])
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
-                               na_values=[""])
+            return _read_csv(path, "," if fmt == "csv" else "\t")
         return pd.read_json(path, lines=True, dtype=False)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        if isinstance(e, pd.errors.EmptyDataError):
-            return pd.DataFrame(columns=columns)
-        raise CurationError(f"cannot read URL list {path} as {fmt}: {str(e).splitlines()[0]}; "
-                            "check the file or set input.format") from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=columns)
+    except _READ_ERRORS as e:
+        if isinstance(e, CurationError):
+            raise
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        cause = str(e).splitlines()[0] if str(e) else "no message"
+        raise CurationError(f"cannot read URL list {path} as {fmt} ({kind}: {cause}); the file is "
+                            "damaged or not in that format: re-create or re-download it, or set input.format") from None
+
+
+def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
+    """Refuse a url/caption/language column holding numbers, lists or objects (jsonl of mixed types)."""
+    for i, value in enumerate(df[col].tolist()):
+        if value is not None and not isinstance(value, str) and not (isinstance(value, float) and math.isnan(value)):
+            raise CurationError(
+                f"URL list {path}: column {col!r} holds a value of type {type(value).__name__} ({str(value)[:60]!r}, "
+                f"record {i + 1}) where text is expected; write every {col} as a string (JSON \"...\") or null")
 
 
 def read_url_list(cfg: InputConfig) -> pd.DataFrame:
@@ -82,6 +132,9 @@ def read_url_list(cfg: InputConfig) -> pd.DataFrame:
                 f"URL list {path} has no column(s) {missing} (it has {list(df.columns)[:20]}); "
                 "set input.url_col / input.caption_col / input.language_col / input.extra_cols to its names"
             )
+        for col in (cfg.url_col, cfg.caption_col, cfg.language_col):
+            if col:
+                _text_column(df, col, path)
         out = pd.DataFrame({
             "row": pd.RangeIndex(start, start + len(df), dtype="int64"),
             "url": df[cfg.url_col].astype(object).where(df[cfg.url_col].notna(), None).to_numpy(),
