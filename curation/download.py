@@ -108,14 +108,12 @@ def fetch_limits(cfg: DownloadConfig) -> FetchLimits:
                        max_redirects=cfg.max_redirects, retries=cfg.retries)
 
 
-def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: UrlPolicy = UrlPolicy(),
-             fetcher: Optional[Fetcher] = None) -> pd.DataFrame:
+def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: UrlPolicy = UrlPolicy()) -> pd.DataFrame:
     """Fetch ``rows`` (columns row, url, caption) into ``out_dir`` (must not exist yet) under ``policy``.
 
     The default policy is the strictest: public addresses only.
     Returns one line per input row: row, reason (None when the image arrived), shard (the tar's
     stem), key, original_width, original_height, final_url (where the body came from after redirects).
-    ``fetcher`` replaces the default one (a test's resolver); it is closed afterwards.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -125,7 +123,7 @@ def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: Url
         return pd.DataFrame(columns=RESULT_COLUMNS)
     url_list = out_dir / "urls.parquet"
     shards = out_dir / "shards"
-    fetcher = fetcher or Fetcher(policy, fetch_limits(cfg))
+    fetcher = Fetcher(policy, fetch_limits(cfg))
     with FetchGateway(dict(zip(rows["row"].tolist(), rows["url"].tolist())), fetcher) as gateway, _environment(cfg):
         pd.DataFrame({"url": [gateway.url_for(r) for r in rows["row"].tolist()],
                       "caption": rows["caption"].to_numpy(),

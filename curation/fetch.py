@@ -193,10 +193,10 @@ class _Hop:
 
 
 def _declared_length(resp: http.client.HTTPResponse) -> Optional[int]:
-    try:
-        return int(resp.getheader("Content-Length", ""))
-    except ValueError:
-        return None
+    """The largest Content-Length the response declares (a hostile server may send several), or None."""
+    values = [v.strip() for h in resp.headers.get_all("Content-Length") or () for v in h.split(",")]
+    lengths = [int(v) for v in values if v.isdigit()]
+    return max(lengths) if lengths else None
 
 
 def _failure(error: BaseException, guard: Optional[_Guard], deadline: float) -> str:
@@ -217,7 +217,7 @@ def _status_reason(status: int) -> Optional[str]:
 class Fetcher:
     """Opens URLs under a :class:`UrlPolicy` and :class:`FetchLimits`; thread-safe, one per download run."""
 
-    def __init__(self, policy: UrlPolicy, limits: FetchLimits, resolver: Resolver = resolve, dns_threads: int = 16):
+    def __init__(self, policy: UrlPolicy, limits: FetchLimits, resolver: Resolver = resolve, dns_threads: int = 64):
         self.policy, self.limits, self._resolver = policy, limits, resolver
         self._tls = ssl.create_default_context()
         self._dns = ThreadPoolExecutor(dns_threads, thread_name_prefix="sigscale-dns")

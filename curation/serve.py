@@ -12,10 +12,24 @@ Tests and the demo curate from 127.0.0.1 with the real img2dataset. Paths name w
     /slow/<s>/<seed>/<i>.jpg     waits s seconds before answering
     /trickle/<s>/<seed>/<i>.jpg  sends the image in pieces spread over s seconds
     /noai/<seed>/<i>.jpg         the image with "X-Robots-Tag: noai"
+
+Hostile responses (``download.deadline``, ``download.max_bytes`` and the URL policy must stop them):
+
+    /to?u=<url>                  302 to any URL (another host, ftp://, file://, a numeric loopback spelling)
+    /chain/<n>/<seed>/<i>.jpg    n redirects in a row, then the image
+    /huge/<mb>/<seed>/<i>.jpg    the image followed by zeros up to mb MB, no Content-Length
+    /declared/<bytes>/...        declares Content-Length: bytes, sends the image
+    /drip/<s>/<seed>/<i>.jpg     the image then zeros, one piece a second for s seconds ("inf": forever)
+    /drip_headers/<s>            status line, then the headers one byte every s seconds, forever
+
+The server records every connection it accepts (``connections``), every request path
+(``requests``) and the body bytes it got out per path (``sent``), so a test can show that a host
+the policy refuses was never contacted and that a refused body was not read to its end.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import struct
 import threading
@@ -24,8 +38,8 @@ import zlib
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 from PIL import Image
@@ -74,7 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
               trickle: float = 0.0) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if "Content-Length" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -88,6 +103,48 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(body)
 
+    def _stream(self, pieces: Iterable[bytes], delay: float = 0.0) -> None:
+        """A 200 whose body ends when the connection closes (no Content-Length), sent piece by piece."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        for piece in pieces:
+            self.wfile.write(piece)
+            self.server.count_sent(self.path, len(piece))
+            if delay:
+                time.sleep(delay)
+
+    def _drip_headers(self, every: float) -> None:
+        self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+        for byte in itertools.cycle(b"X-Drip: 0\r\n"):
+            time.sleep(every)
+            self.wfile.write(bytes([byte]))
+
+    def _hostile(self, kind: str, rest: List[str]) -> bool:
+        """Serve one of the hostile paths; False when ``kind`` is not one."""
+        if kind == "to":
+            target = parse_qs(urlsplit(self.path).query).get("u", [""])[0]
+            # Sent as raw UTF-8, as a careless or hostile server would; http.client reads it as Latin-1.
+            self._send(302, b"", "text/html", {"Location": target.encode("utf-8").decode("latin-1")})
+        elif kind == "chain":
+            n = int(rest[0])
+            self._send(302, b"", "text/html",
+                       {"Location": f"/chain/{n - 1}/" + "/".join(rest[1:]) if n > 1 else "/img/" + "/".join(rest[1:])})
+        elif kind == "huge":
+            head, block = _jpeg(self._image(*rest[1:])), bytes(1 << 20)
+            self._stream(itertools.chain([head], itertools.repeat(block, int(float(rest[0])))))
+        elif kind == "declared":
+            self._send(200, _jpeg(self._image(*rest[1:])), headers={"Content-Length": rest[0]})
+        elif kind == "drip":
+            pieces = itertools.count() if rest[0] == "inf" else range(int(float(rest[0])))
+            head = _jpeg(self._image(*rest[1:]))
+            self._stream(itertools.chain([head[:100]], (bytes(100) for _ in pieces)), delay=1.0)
+        elif kind == "drip_headers":
+            self._drip_headers(float(rest[0]))
+        else:
+            return False
+        return True
+
     def _image(self, seed: str, name: str, size: Optional[int] = None) -> Image.Image:
         scene = synthetic.indexed_sample(int(seed), int(Path(name).stem))[0]
         return synthetic.render(scene, size or self.server.size)
@@ -95,7 +152,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path).path.strip("/").split("/")
         kind, rest = parts[0], parts[1:]
+        self.server.requests.append(self.path)
         try:
+            if self._hostile(kind, rest):
+                return None
             if kind == "img":
                 return self._send(200, _jpeg(self._image(*rest)))
             if kind == "near":
@@ -132,27 +192,40 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, _jpeg(self._image(*rest)), headers={"X-Robots-Tag": "noai"})
         except (ValueError, TypeError, IndexError):
             return self._send(400, b"bad path", "text/plain")
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout): nothing to answer
+        except ConnectionError:  # the client gave up (a timeout, a refused body): nothing to answer
             return None
         return self._send(404, b"not found", "text/plain")
 
 
 class ImageServer(ThreadingHTTPServer):
-    """Serves the paths above on 127.0.0.1 (port 0: any free one) from a daemon thread."""
+    """Serves the paths above on a loopback address (port 0: any free one) from a daemon thread."""
 
     daemon_threads = True
     # img2dataset opens dozens of connections at once; the default backlog of 5 makes some of
     # them wait for a timeout instead of an answer.
     request_queue_size = 1024
 
-    def __init__(self, size: int = 64, port: int = 0):
-        super().__init__(("127.0.0.1", port), _Handler)
+    def __init__(self, size: int = 64, port: int = 0, host: str = "127.0.0.1"):
+        super().__init__((host, port), _Handler)
         self.size = size
+        self.connections: List[Tuple[str, int]] = []
+        self.requests: List[str] = []
+        self.sent: Dict[str, int] = {}
+        self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def verify_request(self, request, client_address) -> bool:
+        self.connections.append(client_address)  # before any byte is read: a contact, even without a request
+        return True
+
+    def count_sent(self, path: str, n: int) -> None:
+        """Add ``n`` body bytes sent for ``path``."""
+        with self._lock:
+            self.sent[path] = self.sent.get(path, 0) + n
 
     def start(self) -> "ImageServer":
         png_bomb()  # built once up front (~0.5 s), so serving it cannot outlast a client's timeout
