@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from sigscale.curation.url_policy import (
@@ -76,32 +76,44 @@ class Refused(Exception):
 
 
 class _Guard:
-    """One socket's deadline registration; ``fired`` tells a reader its EOF was the watchdog."""
+    """One connection's deadline registration; ``fired`` tells a reader its end of file was the watchdog.
 
-    def __init__(self) -> None:
+    It holds a duplicate of the socket's descriptor: shutting that down ends the connection for
+    every descriptor of it, also after the original was wrapped in TLS (which detaches it).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock.dup()
         self.fired = False
         self.cancelled = False
+
+    def cancel(self) -> None:
+        """The connection is done with: never shut it down, free the duplicate now."""
+        self.cancelled = True
+        self.sock.close()
 
 
 class _Watchdog:
     """One thread that shuts down sockets whose deadline has passed, waking any read blocked on them."""
 
     def __init__(self) -> None:
-        self._heap: List[Tuple[float, int, _Guard, socket.socket]] = []
+        self._heap: List[Tuple[float, int, _Guard]] = []
         self._cv = threading.Condition()
         self._ids = itertools.count()
         self._stopped = False
         threading.Thread(target=self._run, name="sigscale-fetch-watchdog", daemon=True).start()
 
     def stop(self) -> None:
+        """End the thread; sockets still registered are left to their owners."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
 
     def watch(self, when: float, sock: socket.socket) -> _Guard:
-        guard = _Guard()
+        """Shut ``sock``'s connection down at monotonic time ``when`` unless the guard is cancelled first."""
+        guard = _Guard(sock)
         with self._cv:
-            heapq.heappush(self._heap, (when, next(self._ids), guard, sock))
+            heapq.heappush(self._heap, (when, next(self._ids), guard))
             self._cv.notify()
         return guard
 
@@ -112,27 +124,29 @@ class _Watchdog:
                     self._cv.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 if self._stopped:
                     return
-                _, _, guard, sock = heapq.heappop(self._heap)
+                _, _, guard = heapq.heappop(self._heap)
             if guard.cancelled:
                 continue
             guard.fired = True
             try:
-                # The plain socket method, also on an SSLSocket: SSLSocket.shutdown would drop its TLS
-                # state under the reading thread's feet.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:  # already closed by its owner
+                guard.sock.shutdown(socket.SHUT_RDWR)  # a read blocked on the connection returns at once
+            except OSError:  # cancelled meanwhile
                 pass
+            guard.sock.close()
 
 
 class _PinnedConnection(http.client.HTTPConnection):
     """An HTTP(S) connection to a checked address, speaking to ``target.host`` (Host header, TLS SNI)."""
 
-    def __init__(self, target: Target, address: IPAddress, timeout: float, tls: Optional[ssl.SSLContext]):
+    def __init__(self, target: Target, address: IPAddress, timeout: float, tls: Optional[ssl.SSLContext],
+                 watch: Callable[[socket.socket], _Guard]):
         super().__init__(target.host, target.port, timeout=timeout)
-        self._address, self._tls = str(address), tls
+        self._address, self._tls, self._watch = str(address), tls, watch
+        self.guard: Optional[_Guard] = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.guard = self._watch(sock)  # before the TLS handshake, which a server can drip as well
         self.sock = self._tls.wrap_socket(sock, server_hostname=self.host) if self._tls else sock
 
 
@@ -167,6 +181,7 @@ class Opened:
             raise Refused(CONNECTION_ERROR, self.final_url)  # http.client's read1 returns short bodies silently
 
     def close(self) -> None:
+        """Release the connection (and its deadline registration)."""
         self._hop.close()
 
     def __enter__(self) -> "Opened":
@@ -186,7 +201,7 @@ class _Hop:
     guard: _Guard
 
     def close(self) -> None:
-        self.guard.cancelled = True
+        self.guard.cancel()
         self.resp.close()
         self.conn.close()
         self.sock.close()
@@ -292,20 +307,22 @@ class Fetcher:
             if remaining <= 0:
                 raise Refused(DEADLINE, url)
             conn = _PinnedConnection(target, address, min(self.limits.timeout, remaining),
-                                     self._tls if target.scheme == "https" else None)
+                                     self._tls if target.scheme == "https" else None,
+                                     lambda sock: self._watchdog.watch(deadline, sock))
             try:
                 conn.connect()
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                reason = _failure(e, conn.guard, deadline)
+                if conn.guard:
+                    conn.guard.cancel()
                 conn.close()
-                reason = _failure(e, None, deadline)
                 continue
-            sock = conn.sock
-            guard = self._watchdog.watch(deadline, sock)
+            sock, guard = conn.sock, conn.guard
             try:
                 conn.request("GET", path, headers={**headers, "Connection": "close"})
                 return _Hop(conn, sock, conn.getresponse(), guard)
             except (OSError, http.client.HTTPException, ValueError) as e:
-                guard.cancelled = True
+                guard.cancel()
                 conn.close()
                 sock.close()
                 raise Refused(_failure(e, guard, deadline), url) from None

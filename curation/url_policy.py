@@ -46,7 +46,8 @@ class UrlPolicy:
         return cls.from_networks(cfg.allow_private_networks, cfg.allowed_networks, cfg.refused_networks)
 
     @classmethod
-    def from_networks(cls, allow_private: bool, allowed: Sequence[str] = (), refused: Sequence[str] = ()) -> "UrlPolicy":
+    def from_networks(cls, allow_private: bool, allowed: Sequence[str] = (),
+                      refused: Sequence[str] = ()) -> "UrlPolicy":
         """Policy from CIDR strings (validated by the config loader)."""
         return cls(allow_private, tuple(ipaddress.ip_network(n, strict=False) for n in allowed),
                    tuple(ipaddress.ip_network(n, strict=False) for n in refused))
@@ -140,7 +141,8 @@ def resolve(host: str) -> List[IPAddress]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
 
 
-def host_verdict(host: str, policy: UrlPolicy, resolver: Optional[Resolver] = resolve) -> Tuple[Optional[str], List[IPAddress]]:
+def host_verdict(host: str, policy: UrlPolicy,
+                 resolver: Optional[Resolver] = resolve) -> Tuple[Optional[str], List[IPAddress]]:
     """(drop reason or None, the addresses checked) for a normalised host.
 
     A literal address is judged as it is. A name is resolved with ``resolver`` and refused if any

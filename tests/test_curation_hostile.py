@@ -41,8 +41,10 @@ OTHER_REFUSED = "127.0.0.3"
 TIMEOUT_S, DEADLINE_S, MAX_BYTES, MAX_REDIRECTS = 2, 4, 1 << 20, 4
 KEPT = None
 BIDI = "\u202e"
-NUMERIC_LOOPBACK = ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0", "0x7f.1", "\uff11\uff12\uff17.\uff10.\uff10.\uff11",
-                    "127\u30020\u30020\u30021", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
+# How a URL can name 127.0.0.1 (or ::1) without writing it: inet_aton forms, Unicode digits and dots, IPv6.
+NUMERIC_LOOPBACK = ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0", "0x7f.1",
+                    "\uff11\uff12\uff17.\uff10.\uff10.\uff11", "127\u30020\u30020\u30021",
+                    "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
 
 
 class ConnectionRecorder:
@@ -144,7 +146,8 @@ def write_csv_with_trailing_commas(path, rows) -> None:
 
 
 def overrides(d, extra=()):
-    return [f"input.path={d / 'urls.csv'}", f"output.dir={d / 'out'}", "input.language_col=''", "input.extra_cols=[kind]",
+    return [f"input.path={d / 'urls.csv'}", f"output.dir={d / 'out'}", "input.language_col=''",
+            "input.extra_cols=[kind]",
             "text.allow_private_networks=false", f"text.allowed_networks=[{ALLOWED}/32]", "text.resolve_hosts=false",
             "text.languages=[]", "text.min_confidence=0", "text.min_words=1", "text.min_chars=1",
             f"download.timeout={TIMEOUT_S}", f"download.deadline={DEADLINE_S}", f"download.max_bytes={MAX_BYTES}",
@@ -330,8 +333,9 @@ def test_jsonl_captions_of_mixed_types_are_an_error_naming_the_record(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"url": "http://a.example/1.jpg", "caption": "a red circle"}\n'
                     '{"url": "http://a.example/2.jpg", "caption": 5}\n')
-    with pytest.raises(CurationError, match=r"mixed.jsonl: column 'caption' holds a value of type int \('5', record 2\) "
-                                            r"where text is expected; write every caption as a string"):
+    message = (r"mixed.jsonl: column 'caption' holds a value of type int \('5', record 2\) where text is expected; "
+               r"write every caption as a string")
+    with pytest.raises(CurationError, match=message):
         read_url_list(_input(path))
 
 
