@@ -30,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from sigscale.curation.url_policy import (
     URL_INVALID, URL_PRIVATE, URL_UNRESOLVABLE, IPAddress, Resolver, Target, UrlPolicy, host_verdict, resolve,
@@ -54,6 +54,7 @@ FETCH_REASONS = (URL_INVALID, URL_PRIVATE, URL_UNRESOLVABLE, REDIRECT_REFUSED, R
 RETRYABLE = (TIMEOUT, CONNECTION_ERROR, HTTP_5XX)
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 1 << 16
+_PATH_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,8 @@ class Fetcher:
                  deadline: float) -> _Hop:
         """GET ``url`` from the first of ``addresses`` that answers; nothing else is ever connected to."""
         parts = urlsplit(url)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Lists carry unescaped spaces and non-ASCII in paths; escape them as browsers do (existing %xx stay).
+        path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_PATH_SAFE)
         reason = CONNECTION_ERROR
         for address in addresses:
             remaining = deadline - time.monotonic()

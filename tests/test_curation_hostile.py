@@ -124,6 +124,7 @@ def hostile_rows(ep) -> list:
         ("zero bytes", f"{a}/empty/x", None, "image_empty"),
         ("truncated jpeg", f"{a}/truncated/0/18.jpg", None, "image_undecodable"),
         ("localhost by name", f"http://localhost:{port}/img/0/1.jpg", None, "url_private"),  # resolve_hosts=false
+        ("unescaped path", f"{a}/img/0/21.jpg?note=grüße und mehr", None, KEPT),
         ("control characters", f"{a}/img/0/19.jpg", "a red\x00 circle\x07 on\x85 the\x1b left", KEPT),
         ("bidi controls", f"{a}/img/0/20.jpg", f"a {BIDI}gpj.exe red circle\u202c\u2066 here\u2069", KEPT),
     ]
