@@ -198,8 +198,9 @@ def validate(cfg: CurationConfig) -> None:
                 "max_image_pixels"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"download.{key}={getattr(d, key)} must be positive")
-    if d.max_redirects < 0 or d.retries < 0:
-        raise ConfigError(f"download.max_redirects={d.max_redirects} and download.retries={d.retries} must be >= 0")
+    for key in ("max_redirects", "retries"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"download.{key}={getattr(d, key)} must be >= 0 (0: none)")
     if not 0 <= d.encode_quality <= 100:
         raise ConfigError(f"download.encode_quality={d.encode_quality} must be in [0, 100]")
     if im.max_aspect < 1:
