@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sigmoid_loss", "chunked_sigmoid_loss", "softmax_loss", "all_gather_with_grad", "default_chunk_size"]
+__all__ = ["sigmoid_loss", "chunked_sigmoid_loss", "sigmoid_block", "softmax_loss", "all_gather_with_grad", "default_chunk_size"]
 
 Group = Optional["dist.ProcessGroup"]
 
@@ -124,7 +124,7 @@ def _wait(works: List) -> None:
         w.wait()
 
 
-def _block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[Tensor], dy: Optional[Tensor],
+def sigmoid_block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[Tensor], dy: Optional[Tensor],
            positives: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Loss sum of images xt = t·x against texts y, chunk by chunk; fused analytic gradients into dx, dy.
 
@@ -190,7 +190,7 @@ class _SigmoidRing(torch.autograd.Function):
 
         # Own texts first (positives + negatives); the first remote blocks are in flight meanwhile.
         y_own = txt.to(cdtype)
-        loss, gsum, pos = _block(xt, y_own, bias, chunk, dx, dy, positives=True)
+        loss, gsum, pos = sigmoid_block(xt, y_own, bias, chunk, dx, dy, positives=True)
         ysum = y_own.sum(0)
 
         acc_in: List[Optional[Tensor]] = [None] * len(streams)
@@ -207,7 +207,7 @@ class _SigmoidRing(torch.autograd.Function):
             for y_send, _ in zip(held, streams):
                 y = y_send.to(cdtype)
                 c = torch.empty_like(y) if want_grad else None
-                lsum, gs, _ = _block(xt, y, bias, chunk, dx, c, positives=False)
+                lsum, gs, _ = sigmoid_block(xt, y, bias, chunk, dx, c, positives=False)
                 loss += lsum
                 gsum += gs
                 ysum += y.sum(0)

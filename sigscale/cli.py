@@ -124,6 +124,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             kwargs["strategies"] = tuple(args.strategies.split(","))
         print(render_memory(run_memory_bench(**kwargs)))
         return 0
+    if args.what == "gpu":
+        from sigscale.bench_gpu import render_markdown as render_gpu, run_gpu_bench
+
+        print(render_gpu(run_gpu_bench(args.out or "bench_results/gpu.json", dry_run=args.dry_run)))
+        return 0
     if args.what == "curation":
         from sigscale.curation.bench import run_curation_bench
 
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["loss", "tokenizer", "train", "memory", "curation"])
+    b.add_argument("what", choices=["loss", "tokenizer", "train", "memory", "curation", "gpu"])
     b.add_argument("--out", help="JSON path to write")
     b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int)
     b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
     b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
     b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
     b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
     b.add_argument("--strategies",
