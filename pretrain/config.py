@@ -116,6 +116,8 @@ class TrainConfig:
     grad_checkpointing: GradCheckpointConfig = field(default_factory=GradCheckpointConfig)
     loss: str = "sigmoid"  # sigmoid | softmax
     loss_chunk_size: Optional[int] = None
+    # eager (reference) | compiled: the loss blocks' elementwise work fused by torch.compile (pretrain/loss.py)
+    loss_kernel: str = "eager"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 1000
@@ -163,6 +165,7 @@ class ExperimentConfig:
 STRATEGIES = ("fsdp", "deepspeed", "ddp", "single")
 PRECISIONS = ("bf16", "fp32")
 LOSSES = ("sigmoid", "softmax")
+LOSS_KERNELS = ("eager", "compiled")  # how the loss runs its elementwise work (pretrain/loss.py)
 ACTS = ("gelu", "gelu_tanh")
 TOWERS = ("vision", "text")
 
@@ -253,6 +256,7 @@ def validate(cfg: ExperimentConfig) -> None:
     choice(t.strategy, STRATEGIES, "train.strategy")
     choice(t.precision, PRECISIONS, "train.precision")
     choice(t.loss, LOSSES, "train.loss")
+    choice(t.loss_kernel, LOSS_KERNELS, "train.loss_kernel")
     validate_model(m)
     choice(cfg.tokenizer.model_type, ("unigram", "bpe"), "tokenizer.model_type")
     if cfg.tokenizer.context_length != m.text.context_length:

@@ -17,13 +17,16 @@ upstream towers included, holds exactly ∇L of the dense loss on the global bat
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from sigscale.pretrain.config import LOSS_KERNELS
 
 __all__ = ["sigmoid_loss", "chunked_sigmoid_loss", "sigmoid_block", "softmax_loss", "all_gather_with_grad", "default_chunk_size"]
 
@@ -124,8 +127,27 @@ def _wait(works: List) -> None:
         w.wait()
 
 
+def _negative_pass(logit: Tensor) -> Tuple[Tensor, Tensor]:
+    """Σ softplus(logit) (fp64) and Σ σ(logit); ``logit`` becomes σ(logit) in place (the gradient block)."""
+    loss = F.softplus(logit).sum(dtype=torch.float64)
+    g = logit.sigmoid_()
+    return loss, g.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_negative_pass() -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
+    """``_negative_pass`` as one fused kernel (train.loss_kernel=compiled).
+
+    Eager, the elementwise work is several passes over each b×c block (softplus, its sum, sigmoid, the
+    gradient sum); compiled, one pass reads the logits once and yields the loss sum, the gradient block
+    and its sum. The matmuls are the same either way.
+    """
+    # dynamic=False: a block has at most two shapes (full and last chunk), each compiled once per process.
+    return torch.compile(_negative_pass, dynamic=False)
+
+
 def sigmoid_block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[Tensor], dy: Optional[Tensor],
-           positives: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                  positives: bool, kernel: str = "eager") -> Tuple[Tensor, Tensor, Tensor]:
     """Loss sum of images xt = t·x against texts y, chunk by chunk; fused analytic gradients into dx, dy.
 
     With G = ∂ℓ/∂logit = σ(logit) − [i==j] (negatives: ℓ = softplus(logit); positives: softplus(−logit)):
@@ -134,22 +156,28 @@ def sigmoid_block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[
     """
     loss = xt.new_zeros((), dtype=torch.float64)
     gsum, pos = xt.new_zeros(()), xt.new_zeros(())
+    elementwise = _compiled_negative_pass() if kernel == "compiled" else _negative_pass
     for j0 in range(0, y.shape[0], chunk):
         yc = y[j0:j0 + chunk]
         logit = torch.addmm(bias, xt, yc.T)  # b×c, bias fused into the matmul
-        loss += F.softplus(logit).sum()
+        d = logit.diagonal(-j0).clone() if positives else None
+        if dx is None:
+            loss += F.softplus(logit).sum()
+        else:
+            block_loss, block_gsum = elementwise(logit)  # logit now holds σ(logit): one b×c block alive
+            loss += block_loss
+            gsum += block_gsum
         if positives:  # swap the diagonal's negative term softplus(l) for the positive one softplus(−l)
-            d = logit.diagonal(-j0).clone()
             loss += (F.softplus(-d) - F.softplus(d)).sum()
             pos += d.sum()
+            if dx is not None:
+                diag, fixed = logit.diagonal(-j0), -torch.sigmoid(-d)  # σ(l) − 1 without cancellation
+                gsum += (fixed - diag).sum()
+                diag.copy_(fixed)
         if dx is None:
             continue
-        g = logit.sigmoid_()  # reuse the logit buffer: only one b×c block is ever alive
-        if positives:
-            g.diagonal(-j0).copy_(-torch.sigmoid(-d))  # σ(l) − 1 without cancellation
-        gsum += g.sum()
-        dx.addmm_(g, yc)
-        torch.mm(g.T, xt, out=dy[j0:j0 + chunk])
+        dx.addmm_(logit, yc)
+        torch.mm(logit.T, xt, out=dy[j0:j0 + chunk])
     return loss, gsum, pos
 
 
@@ -166,7 +194,7 @@ class _SigmoidRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, group: Group,
-                rank: int, world: int, chunk: int, want_grad: bool) -> Tuple[Tensor, Tensor]:
+                rank: int, world: int, chunk: int, want_grad: bool, kernel: str) -> Tuple[Tensor, Tensor]:
         # Half precision inputs are computed in fp32: bf16 logits at t≈100 would be off by ~0.5.
         cdtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
         x = img.to(cdtype)
@@ -190,7 +218,7 @@ class _SigmoidRing(torch.autograd.Function):
 
         # Own texts first (positives + negatives); the first remote blocks are in flight meanwhile.
         y_own = txt.to(cdtype)
-        loss, gsum, pos = sigmoid_block(xt, y_own, bias, chunk, dx, dy, positives=True)
+        loss, gsum, pos = sigmoid_block(xt, y_own, bias, chunk, dx, dy, positives=True, kernel=kernel)
         ysum = y_own.sum(0)
 
         acc_in: List[Optional[Tensor]] = [None] * len(streams)
@@ -207,7 +235,7 @@ class _SigmoidRing(torch.autograd.Function):
             for y_send, _ in zip(held, streams):
                 y = y_send.to(cdtype)
                 c = torch.empty_like(y) if want_grad else None
-                lsum, gs, _ = sigmoid_block(xt, y, bias, chunk, dx, c, positives=False)
+                lsum, gs, _ = sigmoid_block(xt, y, bias, chunk, dx, c, positives=False, kernel=kernel)
                 loss += lsum
                 gsum += gs
                 ysum += y.sum(0)
@@ -254,7 +282,7 @@ class _SigmoidRing(torch.autograd.Function):
                 grad_loss * d_txt if need[1] else None,
                 (grad_loss * d_scale).reshape(ctx.shapes[0]) if need[2] else None,
                 (grad_loss * d_bias).reshape(ctx.shapes[1]) if need[3] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_sigmoid_loss(
@@ -267,6 +295,7 @@ def chunked_sigmoid_loss(
     *,
     return_stats: bool = False,
     validate: bool = True,
+    kernel: str = "eager",
 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
     """SigLIP loss of this rank's images against all texts of ``group``, in O(b·(d + chunk)) memory.
 
@@ -282,6 +311,8 @@ def chunked_sigmoid_loss(
             positive / negative logit; their mean over ranks is the global mean).
         validate: check shapes, equal local batches and finiteness on all ranks (one tiny
             all_gather), raising the same ValueError everywhere instead of hanging.
+        kernel: "eager" (reference) or "compiled" (the block's elementwise work fused by
+            torch.compile; see ``LOSS_KERNELS``).
 
     Returns L_r = (1/b) Σ_{i local} Σ_{j global} ℓ_ij; mean over ranks = the dense loss on the global
     batch. Gradients (see module docstring): own embeddings get ∂(Σ_s L_s)/∂(·) (every rank's
@@ -292,6 +323,8 @@ def chunked_sigmoid_loss(
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunked_sigmoid_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"chunked_sigmoid_loss: kernel={kernel!r} is not one of {list(LOSS_KERNELS)}")
     rank, world = _rank_world(group)
     want_grad = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (img, txt, logit_scale, logit_bias))
@@ -301,7 +334,7 @@ def chunked_sigmoid_loss(
     chunk = chunk_size or default_chunk_size(img.shape[0])
     # The forward picks its own precision (fp32 or better); autocast would push the logit matmuls to bf16.
     with torch.autocast(img.device.type, enabled=False):
-        loss, stats = _SigmoidRing.apply(img, txt, logit_scale, logit_bias, group, rank, world, chunk, want_grad)
+        loss, stats = _SigmoidRing.apply(img, txt, logit_scale, logit_bias, group, rank, world, chunk, want_grad, kernel)
     if not return_stats:
         return loss
     return loss, dict(zip(("pos_logit", "neg_logit", "t", "b"), stats.unbind()))

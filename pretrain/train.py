@@ -61,7 +61,7 @@ def contrastive_loss(cfg: ExperimentConfig, img, txt, scale, bias, group) -> Tup
     # No per-step validation: the engine guarantees shapes, and a non-finite loss is handled by the
     # skip-then-stop policy in train() rather than raised from inside the loss.
     loss, stats = chunked_sigmoid_loss(img, txt, scale, bias, group=group, chunk_size=cfg.train.loss_chunk_size,
-                                       validate=False, return_stats=True)
+                                       kernel=cfg.train.loss_kernel, validate=False, return_stats=True)
     return loss, torch.stack([stats["pos_logit"], stats["neg_logit"]]).float()
 
 

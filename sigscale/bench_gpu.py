@@ -2,7 +2,8 @@
 
 ``run_gpu_bench`` measures, on one device:
 
-* **loss**: rank 0 of W = 8 simulated ranks at global batch B. The other ranks' text blocks come
+* **loss**: rank 0 of W = 8 simulated ranks at global batch B, with the eager and the compiled
+  (``train.loss_kernel``) elementwise pass. The other ranks' text blocks come
   from a seeded generator and go through the same per-block code the ring runs
   (``loss.sigmoid_block``: logits, loss sum and the fused gradient block); no communication is
   timed. Beside it open_clip's ``SigLipLoss`` doing the same rank's work (its ``_loss`` per
@@ -25,7 +26,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from open_clip.loss import SigLipLoss
@@ -72,7 +73,7 @@ def _embeddings(n: int, dim: int, dtype: torch.dtype, device: torch.device, seed
 
 
 def simulated_rank_loss(x: torch.Tensor, texts: List[torch.Tensor], t: torch.Tensor, bias: torch.Tensor,
-                        chunk: int) -> tuple:
+                        chunk: int, kernel: str = "eager") -> tuple:
     """Rank 0's loss share and ∂/∂x (before the 1/b and t factors the ring applies), by the ring's block code.
 
     ``texts[0]`` are the rank's own texts (the positives on the diagonal), the rest the other ranks'.
@@ -83,12 +84,12 @@ def simulated_rank_loss(x: torch.Tensor, texts: List[torch.Tensor], t: torch.Ten
     loss = xt.new_zeros((), dtype=torch.float64)
     for r, y in enumerate(texts):
         y = y.to(cdtype)
-        loss += sigmoid_block(xt, y, bias, chunk, dx, torch.empty_like(y), positives=r == 0)[0]
+        loss += sigmoid_block(xt, y, bias, chunk, dx, torch.empty_like(y), positives=r == 0, kernel=kernel)[0]
     return loss / x.shape[0], dx
 
 
-def _loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: torch.device,
-                repeats: int) -> Dict[str, Any]:
+def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: torch.device,
+               repeats: int) -> Dict[str, Any]:
     """Rank 0's share of the loss at global batch ``batch`` over ``world`` simulated ranks."""
     b = batch // world
     x = _embeddings(b, dim, dtype, device, 0)
@@ -98,6 +99,9 @@ def _loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: to
 
     def sigscale() -> None:
         simulated_rank_loss(x, texts, t, bias, chunk)
+
+    def sigscale_compiled() -> None:
+        simulated_rank_loss(x, texts, t, bias, chunk, kernel="compiled")
 
     oc = SigLipLoss(rank=0, world_size=1)
 
@@ -117,14 +121,16 @@ def _loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: to
 
     out = {"batch": batch, "world": world, "local": b, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
            "chunk": chunk, "simulated": True}
-    for name, fn in (("sigscale", sigscale), ("open_clip", open_clip), ("matmul_bound", bound)):
+    for name, fn in (("sigscale", sigscale), ("sigscale_compiled", sigscale_compiled), ("open_clip", open_clip),
+                     ("matmul_bound", bound)):
         try:
             out[name] = _timed(fn, device, repeats)
         except torch.cuda.OutOfMemoryError as e:
             out[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
-    if "seconds" in out["sigscale"] and "seconds" in out["matmul_bound"]:
-        out["sigscale_over_bound"] = out["sigscale"]["seconds"] / out["matmul_bound"]["seconds"]
+    for name in ("sigscale", "sigscale_compiled"):
+        if "seconds" in out[name] and "seconds" in out["matmul_bound"]:
+            out[f"{name}_over_bound"] = out[name]["seconds"] / out["matmul_bound"]["seconds"]
     if "seconds" in out["sigscale"] and "seconds" in out.get("open_clip", {}):
         out["open_clip_over_sigscale"] = out["open_clip"]["seconds"] / out["sigscale"]["seconds"]
     return out
@@ -204,7 +210,7 @@ def run_gpu_bench(out_json: str | os.PathLike = "bench_results/gpu.json", dry_ru
     peak = _device_peak(device)
     t0 = time.perf_counter()
     dtypes = (torch.float32,) if dry_run else (torch.float32, torch.bfloat16)
-    loss = [_loss_point(b, p["world"], p["dim"], dt, device, p["repeats"]) for b in p["batches"] for dt in dtypes]
+    loss = [loss_point(b, p["world"], p["dim"], dt, device, p["repeats"]) for b in p["batches"] for dt in dtypes]
     towers = [_tower_point(preset, which, ckpt, p, device, peak)
               for preset in p["towers"] for which in ("vision", "text") for ckpt in (False, True)]
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as work:
@@ -215,6 +221,21 @@ def run_gpu_bench(out_json: str | os.PathLike = "bench_results/gpu.json", dry_ru
                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                "command": "sigscale bench gpu" + (" --dry-run" if dry_run else ""),
                "loss": loss, "towers": towers, "data": data}
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_bound_bench(out_json: str | os.PathLike = "bench_results/bound.json", batches: Sequence[int] = (16384,),
+                    world: int = 1, dim: int = 1152, repeats: int = 1) -> Dict[str, Any]:
+    """The loss section alone on the CPU: loss time against its matmul bound, eager and compiled."""
+    t0 = time.perf_counter()
+    loss = [loss_point(b, world, dim, torch.float32, torch.device("cpu"), repeats) for b in batches]
+    results = {"device": f"cpu ({os.cpu_count()} cores)", "peak_bf16_tflops": None, "dry_run": False,
+               "seconds": time.perf_counter() - t0, "date": datetime.date.today().isoformat(),
+               "torch": torch.__version__, "loss": loss, "towers": [], "data": [],
+               "command": f"sigscale bench bound --batch-sizes {','.join(map(str, batches))} --world-sizes {world} "
+                          f"--dim {dim} --repeats {repeats}"}
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps(results, indent=1))
     return results
@@ -232,14 +253,18 @@ def render_markdown(r: Dict[str, Any]) -> str:
     """The tables for BENCHMARKS.md, exactly as they go there."""
     lines: List[str] = [f"Device: {r['device']} (bf16 peak {r['peak_bf16_tflops'] or '—'} TFLOP/s), torch "
                         f"{r['torch']}, {r['date']}, `{r['command']}`, {r['seconds']:.0f} s in all.", "",
-                        "| B | W (simulated) | dtype | sigscale s | open_clip s | matmul bound s | sigscale / bound "
-                        "| open_clip / sigscale | sigscale peak GiB | open_clip peak GiB |",
-                        "|---|---|---|---|---|---|---|---|---|---|"]
+                        "| B | W (simulated) | dtype | sigscale s | compiled s | open_clip s | matmul bound s "
+                        "| sigscale / bound | compiled / bound | open_clip / sigscale | sigscale peak GiB | open_clip peak GiB |",
+                        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["loss"]:
         ratio = lambda k: f"{x[k]:.2f}" if k in x else "—"  # noqa: E731
-        lines.append(f"| {x['batch']} | {x['world']} | {x['dtype']} | {_cell(x['sigscale'])} | {_cell(x['open_clip'])} "
-                     f"| {_cell(x['matmul_bound'])} | {ratio('sigscale_over_bound')} | {ratio('open_clip_over_sigscale')} "
+        lines.append(f"| {x['batch']} | {x['world']} | {x['dtype']} | {_cell(x['sigscale'])} "
+                     f"| {_cell(x['sigscale_compiled'])} | {_cell(x['open_clip'])} | {_cell(x['matmul_bound'])} "
+                     f"| {ratio('sigscale_over_bound')} | {ratio('sigscale_compiled_over_bound')} "
+                     f"| {ratio('open_clip_over_sigscale')} "
                      f"| {_gib(x['sigscale'].get('peak_bytes'))} | {_gib(x['open_clip'].get('peak_bytes'))} |")
+    if not r["towers"]:
+        return "\n".join(lines)
     lines += ["", "| preset | tower | act. ckpt | batch | step s | samples/s | TFLOP/s | MFU | peak GiB | largest batch |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["towers"]:

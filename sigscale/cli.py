@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 STAGE_PACKAGES = ("curation", "eval", "slurm", "pretrain")
 
@@ -66,75 +66,115 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loss(args: argparse.Namespace) -> int:
+    from sigscale.bench_loss import render_markdown, run_loss_bench
+
+    kwargs = dict(out_json=args.out or "bench_results/loss.json")
+    if args.world_sizes:
+        kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
+    if args.batch_sizes:
+        kwargs["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.dim:
+        kwargs["dim"] = args.dim
+    if args.impls:
+        kwargs["impls"] = tuple(args.impls.split(","))
+    for key in ("repeats", "chunk_size", "max_seconds"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    kwargs["quick"] = args.quick
+    results = run_loss_bench(**kwargs)
+    print(render_markdown(results))
+    return 0
+
+
+def _bench_tokenizer(args: argparse.Namespace) -> int:
+    from sigscale.bench_tokenizer import run_tokenizer_bench
+
+    print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from sigscale.bench_train import render_markdown as render_train, run_train_bench
+
+    kwargs = dict(out_json=args.out or "bench_results/train.json", quick=args.quick, capped=args.capped)
+    if args.config:
+        kwargs["config"] = args.config
+    if args.world_sizes:
+        kwargs["world"] = int(args.world_sizes.split(",")[0])
+    if args.batch_sizes:
+        kwargs["batch"] = int(args.batch_sizes.split(",")[0])
+    for key in ("repeats", "steps"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if args.strategies:
+        kwargs["strategies"] = tuple(args.strategies.split(","))
+    print(render_train(run_train_bench(**kwargs)))
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from sigscale.bench_memory import render_markdown as render_memory, run_memory_bench
+
+    kwargs = dict(out_json=args.out or "bench_results/memory.json", quick=args.quick)
+    if args.config:
+        kwargs["config"] = args.config
+    if args.world_sizes:
+        kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
+    if args.batch_sizes:
+        kwargs["batch"] = int(args.batch_sizes.split(",")[0])
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.strategies:
+        kwargs["strategies"] = tuple(args.strategies.split(","))
+    print(render_memory(run_memory_bench(**kwargs)))
+    return 0
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from sigscale.bench_gpu import render_markdown as render_gpu, run_gpu_bench
+
+    print(render_gpu(run_gpu_bench(args.out or "bench_results/gpu.json", dry_run=args.dry_run)))
+    return 0
+
+
+def _bench_bound(args: argparse.Namespace) -> int:
+    from sigscale.bench_gpu import render_markdown as render_bound, run_bound_bench
+
+    kwargs = dict(out_json=args.out or "bench_results/bound.json")
+    if args.batch_sizes:
+        kwargs["batches"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.world_sizes:
+        kwargs["world"] = int(args.world_sizes.split(",")[0])
+    if args.dim:
+        kwargs["dim"] = args.dim
+    if args.repeats:
+        kwargs["repeats"] = args.repeats
+    print(render_bound(run_bound_bench(**kwargs)))
+    return 0
+
+
+def _bench_curation(args: argparse.Namespace) -> int:
+    from sigscale.curation.bench import run_curation_bench
+
+    print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
+    return 0
+
+
+# `sigscale bench WHAT`: one function per benchmark.
+BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "loss": _bench_loss,
+    "tokenizer": _bench_tokenizer,
+    "train": _bench_train,
+    "memory": _bench_memory,
+    "gpu": _bench_gpu,
+    "bound": _bench_bound,
+    "curation": _bench_curation,
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "loss":
-        from sigscale.bench_loss import render_markdown, run_loss_bench
-
-        kwargs = dict(out_json=args.out or "bench_results/loss.json")
-        if args.world_sizes:
-            kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
-        if args.batch_sizes:
-            kwargs["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
-        if args.dim:
-            kwargs["dim"] = args.dim
-        if args.impls:
-            kwargs["impls"] = tuple(args.impls.split(","))
-        for key in ("repeats", "chunk_size", "max_seconds"):
-            if getattr(args, key) is not None:
-                kwargs[key] = getattr(args, key)
-        kwargs["quick"] = args.quick
-        results = run_loss_bench(**kwargs)
-        print(render_markdown(results))
-        return 0
-    if args.what == "tokenizer":
-        from sigscale.bench_tokenizer import run_tokenizer_bench
-
-        print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
-        return 0
-    if args.what == "train":
-        from sigscale.bench_train import render_markdown as render_train, run_train_bench
-
-        kwargs = dict(out_json=args.out or "bench_results/train.json", quick=args.quick, capped=args.capped)
-        if args.config:
-            kwargs["config"] = args.config
-        if args.world_sizes:
-            kwargs["world"] = int(args.world_sizes.split(",")[0])
-        if args.batch_sizes:
-            kwargs["batch"] = int(args.batch_sizes.split(",")[0])
-        for key in ("repeats", "steps"):
-            if getattr(args, key) is not None:
-                kwargs[key] = getattr(args, key)
-        if args.strategies:
-            kwargs["strategies"] = tuple(args.strategies.split(","))
-        print(render_train(run_train_bench(**kwargs)))
-        return 0
-    if args.what == "memory":
-        from sigscale.bench_memory import render_markdown as render_memory, run_memory_bench
-
-        kwargs = dict(out_json=args.out or "bench_results/memory.json", quick=args.quick)
-        if args.config:
-            kwargs["config"] = args.config
-        if args.world_sizes:
-            kwargs["world_sizes"] = tuple(int(w) for w in args.world_sizes.split(","))
-        if args.batch_sizes:
-            kwargs["batch"] = int(args.batch_sizes.split(",")[0])
-        if args.steps is not None:
-            kwargs["steps"] = args.steps
-        if args.strategies:
-            kwargs["strategies"] = tuple(args.strategies.split(","))
-        print(render_memory(run_memory_bench(**kwargs)))
-        return 0
-    if args.what == "gpu":
-        from sigscale.bench_gpu import render_markdown as render_gpu, run_gpu_bench
-
-        print(render_gpu(run_gpu_bench(args.out or "bench_results/gpu.json", dry_run=args.dry_run)))
-        return 0
-    if args.what == "curation":
-        from sigscale.curation.bench import run_curation_bench
-
-        print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
-        return 0
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+    return BENCHES[args.what](args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -177,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["loss", "tokenizer", "train", "memory", "curation", "gpu"])
+    b.add_argument("what", choices=sorted(BENCHES))
     b.add_argument("--out", help="JSON path to write")
     b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")

@@ -92,8 +92,8 @@ def _clip_fn(group=None) -> Callable:
     return lambda i, t, s, b: softmax_loss(i, t, s, group=group)
 
 
-def _sig_fn(chunk, group=None) -> Callable:
-    return lambda i, t, s, b: chunked_sigmoid_loss(i, t, s, b, group=group, chunk_size=chunk)
+def _sig_fn(chunk, group=None, kernel="eager") -> Callable:
+    return lambda i, t, s, b: chunked_sigmoid_loss(i, t, s, b, group=group, chunk_size=chunk, kernel=kernel)
 
 
 def _reference(case: Dict, world: int, loss_fn: Callable = sigmoid_loss) -> Dict[str, torch.Tensor]:
@@ -242,6 +242,20 @@ def test_matches_dense_on_a_larger_batch_fp32():
     case = dict(b=300, chunk=64, dtype=F32, log_t=math.log(10), bias=-10.0, shape=(1,), seed=9)
     got = _step(_data(case, 1), slice(None), _sig_fn(case["chunk"]), F32)
     _check_ddp([got], _reference(case, 1), F32)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_compiled_kernel_matches_dense(dtype):
+    """train.loss_kernel=compiled: the fused elementwise pass (torch.compile) keeps the reference's exactness."""
+    case = dict(b=32, chunk=16, dtype=dtype, log_t=math.log(10), bias=-10.0, shape=(1,), seed=11)
+    got = _step(_data(case, 1), slice(None), _sig_fn(case["chunk"], kernel="compiled"), dtype)
+    _check_ddp([got], _reference(case, 1), dtype)
+
+
+def test_unknown_kernel_is_refused():
+    x = F.normalize(torch.randn(4, 3), dim=-1)
+    with pytest.raises(ValueError, match=r"kernel='fused' is not one of \['eager', 'compiled'\]"):
+        chunked_sigmoid_loss(x, x, torch.zeros(1), torch.zeros(1), kernel="fused")
 
 
 def test_half_precision_inputs_compute_in_fp32():
