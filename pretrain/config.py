@@ -132,6 +132,8 @@ class TrainConfig:
     lr_mult: TowerMult = field(default_factory=TowerMult)  # per-tower learning-rate multiplier
     # Paper §4: weight decay on pretrained weights hurts fine-tuning; off unless asked for.
     pretrained_weight_decay: bool = False
+    # Keys whose change a resumed run accepts (e.g. [train.steps, train.lr]); others are refused.
+    allow_changes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -290,6 +292,37 @@ def validate(cfg: ExperimentConfig) -> None:
     for tower in TOWERS:
         if getattr(t.lr_mult, tower) < 0:
             raise ConfigError(f"train.lr_mult.{tower}={getattr(t.lr_mult, tower)} must be >= 0 (use train.freeze to fix a tower)")
+
+
+# Keys a resumed run may change freely: how often it logs, checkpoints and evaluates, not what it learns.
+FREE_ON_RESUME = ("train.log_every", "train.ckpt_every", "train.keep_last", "train.max_nonfinite_steps",
+                  "train.peak_tflops", "train.allow_changes", "eval.")
+
+
+def _flat(node: object, prefix: str = "") -> dict:
+    if dataclasses.is_dataclass(node):
+        node = dataclasses.asdict(node)
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def resume_changes(saved: ExperimentConfig, new: ExperimentConfig) -> List[str]:
+    """``key: old -> new`` for every setting a resume of ``saved`` as ``new`` would change without leave.
+
+    Free keys (FREE_ON_RESUME) may change; ``train.allow_changes`` lets others through, except the
+    model's shapes, which the checkpoint's tensors fix.
+    """
+    old, cur = _flat(saved), _flat(new)
+    allowed = tuple(new.train.allow_changes)
+    changed = []
+    for key in sorted(set(old) | set(cur)):
+        if old.get(key) == cur.get(key) or key.startswith(FREE_ON_RESUME):
+            continue
+        if key.startswith(allowed) and not key.startswith("model."):
+            continue
+        changed.append(f"{key}: {old.get(key)!r} -> {cur.get(key)!r}")
+    return changed
 
 
 def check_world_size(cfg: ExperimentConfig, world_size: int) -> int:

@@ -9,6 +9,7 @@ hooks (``StepEvent``) let benchmarks and tests look at each step without patchin
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import shutil
 import warnings
 from collections import Counter
@@ -25,8 +26,8 @@ from sigscale.core.config import ConfigError, config_hash, to_yaml
 from sigscale.core.distributed import DistInfo, any_rank, init_distributed
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
-from sigscale.pretrain.checkpoint import Checkpointer
-from sigscale.pretrain.config import ExperimentConfig, TrainConfig, check_world_size
+from sigscale.pretrain.checkpoint import Checkpointer, latest_checkpoint
+from sigscale.pretrain.config import ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes
 from sigscale.pretrain.data import DataPosition, make_loader
 from sigscale.pretrain.evaluation import Evaluator, PeriodicEval
 from sigscale.pretrain.interop import load_model
@@ -190,24 +191,36 @@ class StepEvent:
 StepHook = Callable[[StepEvent], None]
 
 
-def prepare_tokenizer(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> Tokenizer:
-    """The run's own copy of its tokenizer: ``tokenizer.model``, or one trained on ``data.caption_corpus``."""
+def _install_tokenizer(cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> None:
+    """Put the tokenizer into the run: a copy of ``tokenizer.model``, or one trained on ``data.caption_corpus``."""
     t = cfg.tokenizer
     if not t.model and not cfg.data.caption_corpus:
         raise ConfigError("tokenizer.model is empty and so is data.caption_corpus; set tokenizer.model=PATH.model "
                           "(`sigscale tokenizer` trains one) or data.caption_corpus=captions.txt to train one here")
-    # Checked on every rank, so that a bad path fails everywhere alike instead of hanging the barrier below.
+    # Checked on every rank, so that a bad path fails everywhere alike instead of hanging a barrier.
     if t.model:
         Tokenizer(t.model)
     elif not Path(cfg.data.caption_corpus).is_file():
         raise ConfigError(f"data.caption_corpus={cfg.data.caption_corpus} is not a file; give the captions.txt "
                           "that `sigscale curate` writes, or set tokenizer.model")
-    if info.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        if not t.model:
-            train_tokenizer(cfg.data.caption_corpus, run.tokenizer, vocab_size=t.vocab_size, model_type=t.model_type)
-        elif Path(t.model).absolute() != run.tokenizer:
-            shutil.copyfile(t.model, run.tokenizer)
+    if not info.is_main:
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    if not t.model:
+        train_tokenizer(cfg.data.caption_corpus, run.tokenizer, vocab_size=t.vocab_size, model_type=t.model_type)
+    elif Path(t.model).absolute() != run.tokenizer:
+        shutil.copyfile(t.model, run.tokenizer)
+
+
+def prepare_tokenizer(cfg: ExperimentConfig, run: RunDir, info: DistInfo, resume: bool = True) -> Tokenizer:
+    """The run's own copy of its tokenizer. A run that resumes keeps it: a different file given now is refused."""
+    t = cfg.tokenizer
+    if resume and latest_checkpoint(run.checkpoints) is not None and run.tokenizer.is_file():
+        if t.model and Path(t.model).absolute() != run.tokenizer and not filecmp.cmp(t.model, run.tokenizer, False):
+            raise ConfigError(f"tokenizer.model={t.model} differs from the tokenizer {run.root} was trained with; "
+                              "resume without tokenizer.model (the run keeps its copy) or start a new train.out_dir")
+    else:
+        _install_tokenizer(cfg, run, info)
     if info.world_size > 1:
         dist.barrier()
     return Tokenizer(run.tokenizer, t.context_length, t.pad_id, t.canonicalize)
@@ -222,6 +235,17 @@ def built_config(cfg: ExperimentConfig, tokenizer: Tokenizer) -> ExperimentConfi
                                      caption_corpus=str(Path(cfg.data.caption_corpus).absolute()) if cfg.data.caption_corpus else "")
     built.train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir).absolute()))
     return built
+
+
+def check_resume(run: RunDir, cfg: ExperimentConfig) -> None:
+    """Refuse to continue a run under a different model or recipe than it was trained with, naming the keys."""
+    if not (run.config.is_file() and latest_checkpoint(run.checkpoints) is not None):
+        return
+    changes = resume_changes(config_from_yaml(run.config.read_text(), source=str(run.config)), cfg)
+    if changes:
+        raise ConfigError(
+            f"{run.root} was trained with another config; resuming would change {'; '.join(changes)}. Start a new "
+            f"train.out_dir, train --no-resume, or (not for model.*) list the keys in train.allow_changes")
 
 
 def _resume(ckpt: Checkpointer, cfg: ExperimentConfig, info: DistInfo, resume: bool) -> Tuple[int, DataPosition, int]:
@@ -319,8 +343,10 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         raise ConfigError("eval.benchmarks is set but train() was given no evaluator; pass "
                           "evaluator=sigscale.eval.run.BenchmarkEvaluator(cfg.eval) (the CLI does), or clear eval.benchmarks")
     run = RunDir(cfg.train.out_dir)
-    tokenizer = prepare_tokenizer(cfg, run, info)
+    tokenizer = prepare_tokenizer(cfg, run, info, resume)
     cfg = built_config(cfg, tokenizer)
+    if resume:
+        check_resume(run, cfg)
     model, opt, sched = build_engine(cfg, info, tokenizer.vocab_size)
     ckpt = Checkpointer(run.checkpoints, model, opt, sched, cfg.train.keep_last)
     start, position, data_seed = _resume(ckpt, cfg, info, resume)

@@ -314,3 +314,30 @@ def test_unknown_benchmark_fails_before_training(tmp_path, data):
     with pytest.raises(ConfigError, match="eval.benchmarks is set but train.. was given no evaluator"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_a_changed_model_or_recipe_and_names_the_keys(tmp_path, data):
+    run = tmp_path / "run"
+    train(load_config("tiny", overrides(data, run, 2, 2)))
+    with pytest.raises(ConfigError, match=r"resuming would change model.vision.width: 64 -> 128.*new train.out_dir"):
+        train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128"])))
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002; train.steps: 2 -> 4"):
+        train(load_config("tiny", overrides(data, run, 4, 2, ["train.lr=2e-3"])))
+    assert len(list_checkpoints(run / "checkpoints")) == 1  # nothing was trained by the refused runs
+    # Keys named in train.allow_changes may change (not model shapes); logging cadence always may.
+    with pytest.raises(ConfigError, match=r"model.vision.width"):
+        train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128",
+                                                               "train.allow_changes=[model.vision.width]"])))
+    longer = train(load_config("tiny", overrides(data, run, 4, 2, ["train.allow_changes=[train.steps]",
+                                                                    "train.log_every=2"])))
+    assert len(longer.losses) == 2 and latest_checkpoint(run / "checkpoints").name == "step_00000004"
+
+
+def test_resume_keeps_the_runs_tokenizer(tmp_path, data):
+    shards, tok = data
+    run = tmp_path / "run"
+    train(load_config("tiny", overrides(data, run, 2, 2)))
+    other = train_tokenizer([r["txt"] for r in shard_records(300, seed=9)], tmp_path / "other.model", vocab_size=500)
+    with pytest.raises(ConfigError, match=r"tokenizer.model=.*other.model differs from the tokenizer .* was trained with"):
+        train(load_config("tiny", overrides((shards, other), run, 2, 2)))
+    assert (run / "tokenizer.model").read_bytes() == Path(tok).read_bytes()
