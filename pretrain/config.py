@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sigscale.core import config as core_config
 from sigscale.core.config import ConfigError, choice
+from sigscale.core.rundir import RunDir
 
 
 @dataclass
@@ -123,7 +124,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     max_nonfinite_steps: int = 5
-    out_dir: str = "runs/default"
+    out_dir: str = ""  # the run dir; empty: a new runs/<name>-<UTC time> per launch (with_run_dir)
     peak_tflops: Optional[float] = None  # per device, for the logged MFU; None: known GPUs only
     # Fine-tuning and locked-image tuning (SigLIP paper §4, LiT: Zhai et al. 2022).
     init_from: str = ""  # sigscale run dir, HF SiglipModel dir or open_clip state dict
@@ -323,6 +324,13 @@ def resume_changes(saved: ExperimentConfig, new: ExperimentConfig) -> List[str]:
             continue
         changed.append(f"{key}: {old.get(key)!r} -> {cur.get(key)!r}")
     return changed
+
+
+def with_run_dir(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``train.out_dir`` set: a new run dir when it is empty (resolve once, before ranks start)."""
+    if cfg.train.out_dir:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(RunDir.new(cfg.name).root)))
 
 
 def check_world_size(cfg: ExperimentConfig, world_size: int) -> int:

@@ -27,7 +27,8 @@ from sigscale.core.distributed import DistInfo, any_rank, init_distributed
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.checkpoint import Checkpointer, latest_checkpoint
-from sigscale.pretrain.config import ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes
+from sigscale.pretrain.config import (ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes,
+                                       with_run_dir)
 from sigscale.pretrain.data import DataPosition, make_loader
 from sigscale.pretrain.evaluation import Evaluator, PeriodicEval
 from sigscale.pretrain.interop import load_model
@@ -342,6 +343,10 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     if cfg.eval.benchmarks and evaluator is None:
         raise ConfigError("eval.benchmarks is set but train() was given no evaluator; pass "
                           "evaluator=sigscale.eval.run.BenchmarkEvaluator(cfg.eval) (the CLI does), or clear eval.benchmarks")
+    if not cfg.train.out_dir and info.world_size > 1:
+        raise ConfigError("train.out_dir is empty on several ranks: each would name its own new run dir; set it "
+                          "(`sigscale train` and `sigscale submit` do) before the ranks start")
+    cfg = with_run_dir(cfg)
     run = RunDir(cfg.train.out_dir)
     tokenizer = prepare_tokenizer(cfg, run, info, resume)
     cfg = built_config(cfg, tokenizer)

@@ -26,9 +26,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir_overrides(args: argparse.Namespace) -> List[str]:
+    """``train.out_dir`` fixed before any rank starts: ``--resume RUN``, the config's, or a new run dir."""
+    from sigscale.core.config import ConfigError
+    from sigscale.core.rundir import RunDir
+    from sigscale.pretrain.config import with_run_dir
+
+    if args.resume:
+        if not RunDir(args.resume).exists():
+            raise ConfigError(f"--resume {args.resume}: no run there (no {RunDir.CONFIG}); give a run dir that "
+                              "`sigscale train` printed, or drop --resume to start a new run")
+        return [f"train.out_dir={RunDir(args.resume).root}"]
+    return [f"train.out_dir={with_run_dir(_config(args)).train.out_dir}"]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sigscale.core.distributed import launched_by_torchrun, torchrun_command
 
+    if not launched_by_torchrun():
+        args.overrides = [*args.overrides, *_run_dir_overrides(args)]
+        args.resume = None
     if args.nproc > 1 and not launched_by_torchrun():
         # Re-launch this command under torchrun: one process per rank, env-based rendezvous.
         train_args = ["train", "--config", args.config, *args.overrides] + (["--no-resume"] if args.no_resume else [])
@@ -37,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sigscale.pretrain.train import train
 
     cfg = _config(args)
+    print(f"run dir: {cfg.train.out_dir}", flush=True)
     evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
     result = train(cfg, resume=not args.no_resume, evaluator=evaluator)
     if result.final_weights:
@@ -201,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = add("train", cmd_train, "train a SigLIP model (resumes from the run's latest checkpoint)", config=True)
     tr.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under Slurm/torchrun the env decides")
     tr.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out_dir")
+    tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN (default: a new run dir per launch "
+                                                    "unless train.out_dir names one, which resumes)")
 
     t = add("tokenizer", cmd_tokenizer, "train a SentencePiece tokenizer on a caption corpus")
     t.add_argument("--corpus", required=True, help="text file, one caption per line")

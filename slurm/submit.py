@@ -21,9 +21,10 @@ def _absolute(path: str) -> str:
 def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
     """One job of ``nodes × tasks_per_node`` ranks running ``train(cfg)``; it requeues itself on preemption."""
     from sigscale.core.config import to_yaml
-    from sigscale.pretrain.config import check_world_size
+    from sigscale.pretrain.config import check_world_size, with_run_dir
     from sigscale.slurm.train_job import TrainJob
 
+    cfg = with_run_dir(cfg)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards)),
         tokenizer=dataclasses.replace(cfg.tokenizer, model=_absolute(cfg.tokenizer.model)),

@@ -48,3 +48,26 @@ def test_export_run_weights_to_hf(tmp_path):
         ours = model.encode_text(ids, normalize=False)
         theirs = hf.get_text_features(input_ids=ids).pooler_output
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_each_train_gets_a_new_run_dir_and_resume_names_one(tmp_path, monkeypatch, capsys):
+    from sigscale.core.manifest import write_shards
+    from sigscale.curation.synthetic import shard_records
+    from sigscale.pretrain.tokenizer import train_tokenizer
+
+    write_shards(shard_records(128, seed=4), tmp_path / "shards", samples_per_shard=32)
+    tok = train_tokenizer([r["txt"] for r in shard_records(600, seed=5)], tmp_path / "tok.model", vocab_size=600)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config", "tiny", f"data.shards={tmp_path / 'shards'}", f"tokenizer.model={tok}",
+            "train.steps=2", "train.warmup_steps=1", "train.batch_size=16", "train.ckpt_every=2", "data.num_workers=0"]
+    assert main(args) == 0
+    first = sorted((tmp_path / "runs").iterdir())
+    assert len(first) == 1 and first[0].name.startswith("tiny-") and (first[0] / "checkpoints" / "step_00000002").is_dir()
+    assert f"run dir: {first[0]}" in capsys.readouterr().out
+    # --resume continues that run (here: two more steps), nothing new is created.
+    assert main([*args[:-2], "train.steps=4", "train.allow_changes=[train.steps]", "data.num_workers=0",
+                 "--resume", str(first[0])]) == 0
+    assert sorted((tmp_path / "runs").iterdir()) == first and (first[0] / "checkpoints" / "step_00000004").is_dir()
+    capsys.readouterr()
+    assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "--resume" in capsys.readouterr().err.split("nowhere")[0]

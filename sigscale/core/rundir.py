@@ -15,6 +15,7 @@ working directory and any node.
 """
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import List, Optional, Union
@@ -69,6 +70,12 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.config.is_file()
+
+    @classmethod
+    def new(cls, name: str, parent: PathLike = "runs") -> "RunDir":
+        """A fresh run dir for experiment ``name``: ``<parent>/<name>-<UTC time>``, one per launch."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return cls(Path(parent) / f"{name}-{stamp}")
 
     @classmethod
     def of(cls, path: PathLike) -> Optional["RunDir"]:
