@@ -75,14 +75,15 @@ def check_input(cfg: ExperimentConfig, world_size: int) -> int:
     """The per-rank micro-batch, once the batch splits over the ranks and the shards can fill it without repeats.
 
     A micro-batch is built by one stream (a rank's worker), which reads ``1/streams`` of the shards per
-    epoch: a micro-batch larger than the fewest samples a stream may be dealt, or a global batch larger
-    than the dataset, would hold the same sample twice (a false negative for the contrastive loss).
+    epoch: a micro-batch larger than a stream's share of an epoch, or a global batch larger than the
+    dataset, holds samples twice (false negatives for the contrastive loss). The share is the mean, not
+    the smallest a stream may be dealt: one short last shard must not refuse a run.
     """
     micro = check_world_size(cfg, world_size)
     manifest = load_manifest(Path(cfg.data.shards))
     streams = check_streams(len(manifest.shards), world_size, cfg.data.num_workers)
-    dealt = sorted(s.samples for s in manifest.shards)[: len(manifest.shards) // streams]
-    per_stream, total = sum(dealt), manifest.num_samples
+    total = manifest.num_samples
+    per_stream = total // streams
     split = world_size * cfg.train.accum_steps
     largest = min(total // split, per_stream) * split
     fix = (f"set train.batch_size to at most {largest}" if largest else "curate more samples") + \
@@ -93,8 +94,8 @@ def check_input(cfg: ExperimentConfig, world_size: int) -> int:
     if micro > per_stream:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} gives micro-batches of {micro} samples, each read by one of "
-            f"{streams} data stream(s) ({world_size} rank(s) x {max(1, cfg.data.num_workers)} worker(s)), which may "
-            f"see only {per_stream} of the {total} samples in an epoch: micro-batches would repeat samples; {fix}, "
+            f"{streams} data stream(s) ({world_size} rank(s) x {max(1, cfg.data.num_workers)} worker(s)) that each "
+            f"see about {per_stream} of the {total} samples in an epoch: micro-batches would repeat samples; {fix}, "
             "or lower data.num_workers")
     return micro
 
