@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,23 @@ def test_a_data_error_on_one_rank_stops_every_rank():
     from dist_helpers import run_distributed
 
     assert run_distributed(_one_rank_fails, 2, timeout=60) == ["rank 1 found nothing to train on"] * 2
+
+
+def launch_two(kind):
+    script = Path(__file__).parent / "scripts" / "rank_fails.py"
+    cmd = [sys.executable, "-m", "sigscale.core.torchrun", "--standalone", "--nproc_per_node=2", str(script), kind]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_the_launcher_reports_a_user_error_of_one_rank_once_while_it_stops_the_other():
+    """Rank 0 is stopped by SIGTERM (no error of its own): the line of rank 1 is still the one shown."""
+    proc = launch_two("user-error")
+    assert proc.returncode == USER_ERROR_EXIT, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "sigscale: error: rank 1 was given nothing to train on; point data.shards at real shards"]
+
+
+def test_the_launcher_leaves_other_failures_to_torchrun():
+    proc = launch_two("bug")
+    assert proc.returncode == 1
+    assert "RuntimeError: a bug, not a user error" in proc.stderr and "ChildFailedError" in proc.stderr

@@ -29,8 +29,12 @@ def report_user_error(line: str) -> None:
     """
     error_file = os.environ.get(TORCHRUN_ERROR_FILE_ENV)
     if error_file:
-        with open(error_file, "w") as f:  # the format torchrun's ProcessFailure reads: message + timestamp
+        # The format torchrun's ProcessFailure reads (message + timestamp), written whole: the agent may stop
+        # this rank at any instant once another rank has exited, and it cannot parse half a file.
+        tmp = f"{error_file}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"message": line, "timestamp": int(time.time()), USER_ERROR_FIELD: True}, f)
+        os.replace(tmp, error_file)
         if os.environ.get(LAUNCHER_ENV):
             return
     if os.environ.get("RANK", "0") == "0":
