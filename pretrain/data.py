@@ -118,19 +118,23 @@ class UsableLedger:
         self.proven: set = set()
 
     def start(self, read: Tuple[int, int]) -> None:
+        """The stream opens a shard (``read`` = (epoch, shard index))."""
         if not self.usable:  # once a sample was usable there is nothing left to prove
             self.open[read] = [0, False]
 
     def sample(self, read: Tuple[int, int]) -> None:
+        """The read gave one raw sample, now on its way through the shuffle buffer."""
         if read in self.open:
             self.open[read][0] += 1
 
     def finish(self, read: Tuple[int, int], skipped: Counter) -> None:
+        """The read reached the end of its shard (or of what a corrupt shard allowed)."""
         if read in self.open:
             self.open[read][1] = True
             self._settle(read, skipped)
 
     def decoded(self, read: Tuple[int, int], usable: bool, skipped: Counter) -> None:
+        """A sample of the read was decoded; raises once every shard is proven to hold nothing usable."""
         if usable and not self.usable:
             self.usable = True
             self.open.clear()
@@ -144,7 +148,8 @@ class UsableLedger:
             del self.open[read]
             self.proven.add(read[1])
         if not self.usable and len(self.proven) == len(self.urls):
-            names = ", ".join(Path(u).name for u in self.urls[:5]) + (f" and {len(self.urls) - 5} more" if len(self.urls) > 5 else "")
+            more = len(self.urls) - 5
+            names = ", ".join(Path(u).name for u in self.urls[:5]) + (f" and {more} more" if more > 0 else "")
             counts = ", ".join(f"{skipped[r]} {r.replace('_', ' ')}(s)" for r in
                                ("corrupt_shard", "undecodable_image", "empty_caption", "missing_image"))
             raise NoUsableDataError(

@@ -52,7 +52,8 @@ _TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # gelu_new is the same tanh formula as PyTorch's approximate='tanh'.
 _FROM_HF_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_WEIGHTS = "model.safetensors"
-_WEIGHTS_FIX = "write it again (`sigscale export`, or the run's training), or evaluate one of its run's step checkpoints"
+_WEIGHTS_FIX = ("write it again (`sigscale export`, or the run's training), or evaluate one of its run's step "
+                "checkpoints")
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -431,7 +432,8 @@ def _damaged(path: Path, error: BaseException, fix: str) -> CheckpointLoadError:
     if isinstance(error, CheckpointException):  # DCP wraps each rank's failure: show the first
         error = next(iter(error.failures.values()))[0]
     cause = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
-    return CheckpointLoadError(f"checkpoint {path} is damaged and cannot be read ({type(error).__name__}: {cause}); {fix}")
+    return CheckpointLoadError(f"checkpoint {path} is damaged and cannot be read ({type(error).__name__}: {cause}); "
+                               f"{fix}")
 
 
 def _older_step_fix(step_dir: Path) -> str:
@@ -440,7 +442,8 @@ def _older_step_fix(step_dir: Path) -> str:
     run = RunDir.of(step_dir)
     weights = f"the run's {run.weights}" if run is not None and run.weights.is_file() else \
         "the run's model.safetensors (written when its training ends)"
-    return f"evaluate an older step ({older[-1]}) or {weights}" if older else f"evaluate an older step_* directory or {weights}"
+    step = f"an older step ({older[-1]})" if older else "an older step_* directory"
+    return f"evaluate {step} or {weights}"
 
 
 def _load_dcp(src: CheckpointSource) -> SiglipModel:

@@ -203,7 +203,8 @@ def test_a_batch_larger_than_the_data_is_refused_before_any_work(shards):
         f"train.batch_size=64 gives micro-batches of 32 samples, each read by one of 4 data stream(s) (2 rank(s) x "
         f"2 worker(s)) that each see about 24 of the 96 samples in an epoch: micro-batches would repeat samples; "
         f"set train.batch_size to at most 48 (a multiple of 2), or add shards to {shards}, or lower data.num_workers")
-    with pytest.raises(ConfigError, match=r"^train.batch_size=192 is larger than the 96 samples .* at most 96 \(a multiple of 4\)"):
+    with pytest.raises(ConfigError, match=r"^train.batch_size=192 is larger than the 96 samples .* at most 96 "
+                                          r"\(a multiple of 4\)"):
         check_input(batch_config(shards, 192, 0, accum=4), 1)
     assert check_input(batch_config(shards, 48, 2), 2) == 24
     assert check_input(batch_config(shards, 96, 0, accum=4), 1) == 24

@@ -130,7 +130,8 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError(f"{path} has format {fmt!r}, expected {FORMAT!r}; point data.shards at a folder "
                             "that `sigscale curate` wrote")
     if not isinstance(data.get("shards"), list):
-        raise ManifestError(f"{path} has no 'shards' list; re-run the curation merge step (`sigscale curate --finalize`)")
+        raise ManifestError(f"{path} has no 'shards' list; re-run the curation merge step "
+                            "(`sigscale curate --finalize`)")
     shards = [_shard_entry(path, i, entry) for i, entry in enumerate(data["shards"])]
     missing = [s.path for s in shards if not (path.parent / s.path).is_file()]
     if missing:
