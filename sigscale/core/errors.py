@@ -11,7 +11,7 @@ import time
 USER_ERROR_EXIT = 2
 # Set by sigscale's torchrun launcher (sigscale.core.torchrun) for the ranks it starts: it prints their line.
 LAUNCHER_ENV = "SIGSCALE_LAUNCHER"
-# torchrun gives each worker a file for its failure; its launcher reads the first failed rank's message there.
+# torchrun gives each worker a file for its failure; sigscale's launcher reads the user error's line there.
 TORCHRUN_ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 USER_ERROR_FIELD = "sigscale_user_error"  # marks an error file whose message is a user error's line
 
