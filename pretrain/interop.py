@@ -27,13 +27,15 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sigscale.core.config import config_hash
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
-from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint
+from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint, list_checkpoints
 from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_from_yaml
 from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config
 
@@ -50,6 +52,8 @@ _TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # gelu_new is the same tanh formula as PyTorch's approximate='tanh'.
 _FROM_HF_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_WEIGHTS = "model.safetensors"
+_WEIGHTS_FIX = ("write it again (`sigscale export`, or the run's training), or evaluate one of its run's step "
+                "checkpoints")
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -411,8 +415,11 @@ def resolve_checkpoint(path: PathLike) -> CheckpointSource:
         return _dcp_source(latest)
     weights = p / _HF_WEIGHTS if p.is_dir() else p
     if weights.suffix == ".safetensors":
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as e:
+            raise _damaged(weights, e, _WEIGHTS_FIX) from e
         if "config" in meta:
             cfg = config_from_yaml(meta["config"], source=str(weights))
             return CheckpointSource(p, "safetensors", weights, cfg, cfg.train.steps,
@@ -420,21 +427,43 @@ def resolve_checkpoint(path: PathLike) -> CheckpointSource:
     return CheckpointSource(p, "open_clip", weights)
 
 
+def _damaged(path: Path, error: BaseException, fix: str) -> CheckpointLoadError:
+    """One line for checkpoint files that do not read back (cut short, overwritten, a bad disk)."""
+    if isinstance(error, CheckpointException):  # DCP wraps each rank's failure: show the first
+        error = next(iter(error.failures.values()))[0]
+    cause = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    return CheckpointLoadError(f"checkpoint {path} is damaged and cannot be read ({type(error).__name__}: {cause}); "
+                               f"{fix}")
+
+
+def _older_step_fix(step_dir: Path) -> str:
+    """What to evaluate instead of a damaged step checkpoint: the step before it, or the run's final weights."""
+    older = [p for p in list_checkpoints(step_dir.parent) if p.name < step_dir.name]
+    run = RunDir.of(step_dir)
+    weights = f"the run's {run.weights}" if run is not None and run.weights.is_file() else \
+        "the run's model.safetensors (written when its training ends)"
+    step = f"an older step ({older[-1]})" if older else "an older step_* directory"
+    return f"evaluate {step} or {weights}"
+
+
 def _load_dcp(src: CheckpointSource) -> SiglipModel:
     """Gather a sharded DCP checkpoint into a full model on this process alone (any saving world size)."""
-    import torch.distributed.checkpoint as dcp
-
     reader = dcp.FileSystemReader(str(src.weights))
-    meta = reader.read_metadata().state_dict_metadata
     key = "model.text.token_embedding.weight"
-    if key not in meta:
-        raise CheckpointLoadError(f"{src.weights} has no {key}: not a sigscale training checkpoint")
-    # The text vocabulary followed the tokenizer at training time, not necessarily model.text.vocab_size.
-    model = create_model(src.experiment.model, text_vocab_size=meta[key].size[0])
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # loading on one process is the intent here, not an accident
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    try:
+        meta = reader.read_metadata().state_dict_metadata
+        if key not in meta:
+            raise CheckpointLoadError(f"{src.weights} has no {key}: not a sigscale training checkpoint")
+        # The text vocabulary followed the tokenizer at training time, not necessarily model.text.vocab_size.
+        model = create_model(src.experiment.model, text_vocab_size=meta[key].size[0])
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():  # loading on one process is the intent here, not an accident
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    except CheckpointLoadError:
+        raise
+    except (Exception, CheckpointException) as e:  # pickle, zip, short reads: the files are damaged
+        raise _damaged(src.weights, e, _older_step_fix(src.weights)) from e
     return model
 
 
@@ -457,7 +486,10 @@ def load_model(path: PathLike, model_config: Union[str, ModelConfig, None] = Non
         raise
     except ValueError as e:  # the importers' messages already name the file, the keys and the fix
         raise CheckpointLoadError(str(e)) from e
-    state = load_file(str(src.weights))
+    try:
+        state = load_file(str(src.weights))
+    except SafetensorError as e:
+        raise _damaged(src.weights, e, _WEIGHTS_FIX) from e
     model = create_model(src.experiment.model, device="meta",
                          text_vocab_size=state["text.token_embedding.weight"].shape[0])
     model.load_state_dict(state, assign=True)

@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from sigscale.core.config import ConfigError, config_hash, to_yaml
-from sigscale.core.distributed import DistInfo, any_rank, init_distributed
+from sigscale.core.distributed import DistInfo, any_rank, init_distributed, raise_on_any_rank
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.checkpoint import Checkpointer, latest_checkpoint
 from sigscale.pretrain.config import (ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes,
                                        with_run_dir)
-from sigscale.pretrain.data import DataPosition, make_loader
+from sigscale.pretrain.data import DataPosition, check_input, make_loader
 from sigscale.pretrain.evaluation import Evaluator, PeriodicEval
 from sigscale.pretrain.interop import load_model
 from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
@@ -298,12 +298,17 @@ def _global_values(stats: StepStats, lr: float, world: int, skipped: Counter) ->
 
 
 def _next_micro_batches(data, position: DataPosition, skipped: Counter, accum: int, device: torch.device) -> List:
-    batches = []
-    for _ in range(accum):
-        batch = next(data)
-        position.advance(batch)
-        skipped.update(batch["skipped"])
-        batches.append((batch["pixels"].to(device), batch["tokens"].to(device)))
+    """This step's micro-batches; a user error of the data on any rank stops every rank (no rank left waiting)."""
+    batches, error = [], None
+    try:
+        for _ in range(accum):
+            batch = next(data)
+            position.advance(batch)
+            skipped.update(batch["skipped"])
+            batches.append((batch["pixels"].to(device), batch["tokens"].to(device)))
+    except SigscaleError as e:
+        error = e
+    raise_on_any_rank(error)
     return batches
 
 
@@ -339,7 +344,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     ``eval.every_steps`` and at the end; ``hooks`` see every step.
     """
     info = info or init_distributed()
-    micro = check_world_size(cfg, info.world_size)
+    micro = check_input(cfg, info.world_size)
     if cfg.eval.benchmarks and evaluator is None:
         raise ConfigError("eval.benchmarks is set but train() was given no evaluator; pass "
                           "evaluator=sigscale.eval.run.BenchmarkEvaluator(cfg.eval) (the CLI does), or clear eval.benchmarks")

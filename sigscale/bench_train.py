@@ -264,6 +264,7 @@ def run_train_bench(out_json: str | os.PathLike = "bench_results/train.json", co
         check_point(config, world, batch, strategy)
     if capped:
         check_point(cap_config, world, cap_batch, "ddp", cap_accum)
+        samples = max(samples, cap_batch)  # training refuses a batch larger than its data (repeated samples)
     with tempfile.TemporaryDirectory(prefix="sigscale_bench_train_") as tmp:
         return _run_train_bench(Path(workdir or tmp), out_json, config, world, batch, steps, repeats, strategies,
                                 capped, cap_config, cap_batch, cap_accum, cap_steps, cap_gib, samples)

@@ -46,7 +46,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not launched_by_torchrun():
         args.overrides = [*args.overrides, *_run_dir_overrides(args)]
         args.resume = None
+        print(f"run dir: {args.overrides[-1].split('=', 1)[1]}", flush=True)
     if args.nproc > 1 and not launched_by_torchrun():
+        from sigscale.pretrain.data import check_input
+
+        check_input(_config(args), args.nproc)  # what the ranks would refuse, refused before starting them
         # Re-launch this command under torchrun: one process per rank, env-based rendezvous.
         train_args = ["train", "--config", args.config, *args.overrides] + (["--no-resume"] if args.no_resume else [])
         return subprocess.call(torchrun_command(args.nproc, "sigscale.cli", train_args))
@@ -54,7 +58,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sigscale.pretrain.train import train
 
     cfg = _config(args)
-    print(f"run dir: {cfg.train.out_dir}", flush=True)
     evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
     result = train(cfg, resume=not args.no_resume, evaluator=evaluator)
     if result.final_weights:
@@ -275,14 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from sigscale.core.config import ConfigError
-    from sigscale.core.errors import SigscaleError
+    from sigscale.core.errors import USER_ERROR_EXIT, SigscaleError, report_user_error
 
     try:
         return args.fn(args)
     except SigscaleError as e:  # user errors: one line naming cause and fix, no traceback
         kind = "config error" if isinstance(e, ConfigError) else "error"
-        print(f"sigscale: {kind}: {e}", file=sys.stderr)
-        return 2
+        report_user_error(f"sigscale: {kind}: {e}")
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

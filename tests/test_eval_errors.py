@@ -134,3 +134,58 @@ def test_model_side_errors(tmp_path):
     src = CheckpointSource(tmp_path, "hf", tmp_path)
     with pytest.raises(TokenizerError, match=r"tok.model has \d+ pieces but .* embeds only 50; pass the tokenizer"):
         load_tokenizer(src, model, str(tok_path))
+
+
+def _step_checkpoint(run, step, model):
+    """A training checkpoint as the loop writes it (DCP files + COMPLETE) inside a run dir with its config."""
+    import torch.distributed.checkpoint as dcp
+
+    path = run / "checkpoints" / f"step_{step:08d}"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / COMPLETE).write_text(str(step))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_older_step(tmp_path, capsys):
+    from eval_fixtures import tokenizer_model, write_eval_shards
+    from sigscale.cli import main
+    from sigscale.core.config import to_yaml
+    from sigscale.pretrain.config import load_config
+    from sigscale.pretrain.interop import load_model
+    from sigscale.pretrain.towers import create_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("tiny")
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    model = create_model(cfg.model, text_vocab_size=600)
+    older = _step_checkpoint(run, 2, model)
+    newest = _step_checkpoint(run, 4, model)
+    distcp = newest / "__0_0.distcp"
+    distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])  # cut short, as a full disk leaves it
+    fix = f"evaluate an older step ({older}) or the run's model.safetensors (written when its training ends)"
+    with pytest.raises(CheckpointLoadError) as err:
+        load_model(newest)
+    assert str(err.value) == (
+        f"checkpoint {newest} is damaged and cannot be read (RuntimeError: PytorchStreamReader failed reading zip "
+        f"archive: failed finding central directory); {fix}")
+    (newest / ".metadata").write_bytes((older / ".metadata").read_bytes()[:100])
+    with pytest.raises(CheckpointLoadError) as err:
+        load_model(newest)
+    assert str(err.value) == (
+        f"checkpoint {newest} is damaged and cannot be read (UnpicklingError: pickle data was truncated); {fix}")
+    assert load_model(older).state_dict().keys() == model.state_dict().keys()  # the older step still loads
+
+    # Through the CLI: one line, rc 2 (it was a CheckpointException traceback).
+    shards = write_eval_shards(tmp_path / "shards")
+    rc = main(["eval", "--checkpoint", str(newest), "--tokenizer", str(tokenizer_model(tmp_path / "tok.model")),
+               "--benchmarks", "retrieval", "--retrieval-shards", str(shards), "--out", str(tmp_path / "report")])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [f"sigscale: error: {err.value}"]
+
+    weights = run / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CheckpointLoadError, match=r"checkpoint .*model.safetensors is damaged and cannot be read "
+                                                  r"\(SafetensorError: .*\); write it again"):
+        load_model(run)

@@ -53,8 +53,12 @@ def launched_by_torchrun() -> bool:
 
 
 def torchrun_command(nproc: int, module: str, args: Sequence[str] = ()) -> List[str]:
-    """The command that runs ``python -m module args`` on ``nproc`` local ranks (env rendezvous)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """The command that runs ``python -m module args`` on ``nproc`` local ranks (env rendezvous).
+
+    The launcher is torchrun behind ``sigscale.core.torchrun``: a rank's user error ends it with that
+    one line and exit status 2 rather than torchrun's traceback.
+    """
+    return [sys.executable, "-m", "sigscale.core.torchrun", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *args]
 
 
@@ -76,6 +80,21 @@ def any_rank(flag: bool, world: Optional[int] = None) -> bool:
     t = torch.tensor([float(flag)], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def raise_on_any_rank(error: Optional[BaseException]) -> None:
+    """Raise on every rank the error any rank hit (lowest rank first); collective, so every rank must call it.
+
+    A rank that stops alone leaves the others waiting in their next collective (until the timeout under
+    NCCL, or for ever when Slurm tasks are not killed together); after this call they all stop.
+    """
+    if not any_rank(error is not None):
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors: List[Optional[BaseException]] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next(e for e in errors if e is not None)
+    raise error
 
 
 def gather_strided(local: torch.Tensor, world: int) -> torch.Tensor:

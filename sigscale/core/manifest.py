@@ -10,7 +10,7 @@ from sigscale.core.errors import SigscaleError
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -90,6 +90,30 @@ def save_manifest(manifest: Manifest, out_dir: Path) -> Path:
     return path
 
 
+def _shard_entry(manifest: Path, index: int, entry: object) -> ShardInfo:
+    """One ``shards`` entry, checked: a path inside the manifest's folder and a sample count."""
+    where = f"{manifest} shards[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise ManifestError(f"{where} is {entry!r}, not an entry with a 'path'; re-run the curation merge step "
+                            "or fix the entry by hand")
+    rel = entry["path"]
+    folder = manifest.parent.resolve()
+    # Shards live beside their manifest: an absolute path or one that climbs out (../, a symlink) would let
+    # a manifest make training open any file on the node.
+    if Path(rel).is_absolute() or not (folder / rel).resolve().is_relative_to(folder):
+        raise ManifestError(f"{where} path {rel!r} points outside the data folder {folder}; list shards by their "
+                            "path relative to the manifest's folder and keep the files inside it")
+    samples = entry.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ManifestError(f"{where} ({rel}) has samples={samples!r}, not a count of samples; re-run the curation "
+                            "merge step, or set it to the number of samples in that tar")
+    unknown = sorted(set(entry) - {f.name for f in fields(ShardInfo)})
+    if unknown:
+        raise ManifestError(f"{where} ({rel}) has unknown field(s) {unknown}; a {FORMAT} entry has path, samples "
+                            "and languages")
+    return ShardInfo(**entry)
+
+
 def load_manifest(path: Path) -> Manifest:
     """Read a manifest (or the folder holding one) and check every listed shard exists."""
     path = Path(path)
@@ -101,9 +125,14 @@ def load_manifest(path: Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON ({e}); re-run the curation merge step") from e
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
-    shards = [ShardInfo(**s) for s in data["shards"]]
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != FORMAT:
+        raise ManifestError(f"{path} has format {fmt!r}, expected {FORMAT!r}; point data.shards at a folder "
+                            "that `sigscale curate` wrote")
+    if not isinstance(data.get("shards"), list):
+        raise ManifestError(f"{path} has no 'shards' list; re-run the curation merge step "
+                            "(`sigscale curate --finalize`)")
+    shards = [_shard_entry(path, i, entry) for i, entry in enumerate(data["shards"])]
     missing = [s.path for s in shards if not (path.parent / s.path).is_file()]
     if missing:
         raise ManifestError(
