@@ -37,6 +37,7 @@ from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint, list_checkpoints
 from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_from_yaml
+from sigscale.pretrain.data import RESAMPLE
 from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config
 
 StateDict = Dict[str, torch.Tensor]
@@ -186,11 +187,39 @@ def _hf_config(cfg: ModelConfig):
     )
 
 
+def _write_hf_processor(out: Path, cfg: ModelConfig, tokenizer_model: PathLike | None) -> None:
+    """The preprocessing beside the weights, so AutoProcessor and pipelines load the export as they are.
+
+    Images: transformers' SiglipImageProcessor at the tower size, bicubic (pretrain.data.RESAMPLE, the
+    eval protocol). Text: the SentencePiece model as SiglipTokenizer's spiece.model, truncating at the
+    tower's context length. Without a tokenizer only the image side is written.
+    """
+    from transformers import SiglipImageProcessor, SiglipProcessor, SiglipTokenizer
+    from transformers.image_utils import PILImageResampling
+
+    image = SiglipImageProcessor(size={"height": cfg.vision.image_size, "width": cfg.vision.image_size},
+                                 resample=PILImageResampling(int(RESAMPLE)))
+    if tokenizer_model is None:
+        image.save_pretrained(out)
+        return
+    src = Path(tokenizer_model)
+    if not src.is_file():
+        raise CheckpointLoadError(f"tokenizer model {src} does not exist; pass the SentencePiece .model the "
+                                  "checkpoint was trained with (--tokenizer)")
+    shutil.copyfile(src, out / "spiece.model")  # the file name SiglipTokenizer reads
+    # input_ids only: SigLIP's text tower reads padded sequences without an attention mask (big_vision),
+    # and so do our towers; a mask from the tokenizer would make transformers' model score differently.
+    tokenizer = SiglipTokenizer(vocab_file=str(out / "spiece.model"), model_max_length=cfg.text.context_length,
+                                model_input_names=["input_ids"])
+    SiglipProcessor(image_processor=image, tokenizer=tokenizer).save_pretrained(out)
+
+
 def export_hf(model: SiglipModel, out_dir: PathLike, tokenizer_model: PathLike | None = None) -> Path:
-    """Write ``out_dir`` as a transformers ``SiglipModel`` checkpoint (config.json + model.safetensors).
+    """Write ``out_dir`` as a transformers ``SiglipModel`` checkpoint: config.json, model.safetensors and
+    the processor (image preprocessing; with ``tokenizer_model``, spiece.model and the tokenizer config).
 
     Without a text projection the HF head is written as identity so it is a no-op. The model must
-    be unwrapped (plain tensors, not FSDP shards). ``tokenizer_model`` is copied as spiece.model.
+    be unwrapped (plain tensors, not FSDP shards).
     """
     cfg = model.cfg
     if not cfg.text.projection and cfg.text.width != cfg.vision.width:
@@ -209,13 +238,11 @@ def export_hf(model: SiglipModel, out_dir: PathLike, tokenizer_model: PathLike |
         dtype = ours["text.ln_final.weight"].dtype
         hf["text_model.head.weight"] = torch.eye(w, dtype=dtype)
         hf["text_model.head.bias"] = torch.zeros(w, dtype=dtype)
-    _hf_config(cfg).save_pretrained(out)
+    # save_pretrained diffs against a default SiglipTextConfig, whose own CLIP-era bos/eos ids (49406/49407)
+    # fail transformers' validation and print two warnings on every export: write the full dict instead.
+    _hf_config(cfg).to_json_file(out / "config.json", use_diff=False)
     _save(hf, out / _HF_WEIGHTS)
-    if tokenizer_model is not None:
-        src = Path(tokenizer_model)
-        if not src.is_file():
-            raise ValueError(f"tokenizer model {src} does not exist; pass the SentencePiece .model file or None")
-        shutil.copyfile(src, out / "spiece.model")  # the file name SiglipTokenizer reads
+    _write_hf_processor(out, cfg, tokenizer_model)
     return out
 
 

@@ -76,11 +76,18 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from sigscale.core.rundir import RunDir
     from sigscale.pretrain import interop
 
     model = interop.load_model(args.checkpoint)
     if args.format == "hf":
-        out = interop.export_hf(model, args.out, tokenizer_model=args.tokenizer)
+        run = RunDir.of(args.checkpoint)
+        tokenizer = args.tokenizer or (str(run.tokenizer) if run and run.tokenizer.is_file() else None)
+        if tokenizer is None:
+            raise interop.CheckpointLoadError(
+                f"no tokenizer is known for {args.checkpoint} (not a run dir with {RunDir.TOKENIZER}); pass "
+                "--tokenizer PATH.model so the export carries it (AutoProcessor and pipelines need it)")
+        out = interop.export_hf(model, args.out, tokenizer_model=tokenizer)
     else:
         out = interop.export_open_clip(model, args.out)
     print(f"wrote {out}")
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--format", choices=["hf", "open_clip"], default="hf")
-    e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export")
+    e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export (default: the run's own)")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
     b.add_argument("what", choices=sorted(BENCHES))

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import SiglipModel as HFSiglipModel
 
+from eval_fixtures import tokenizer_model
 from sigscale.cli import main
 from sigscale.core.config import to_yaml
 from sigscale.pretrain.config import load_config
@@ -32,7 +33,7 @@ def test_config_prints_resolved_yaml_and_rejects_bad_keys(capsys):
     assert "unknown config key 'train.batchsize'" in err and "train.batch_size" in err
 
 
-def test_export_run_weights_to_hf(tmp_path):
+def test_export_run_weights_to_hf(tmp_path, capsys):
     cfg = load_config("tiny")
     torch.manual_seed(0)
     model = create_model(cfg.model)
@@ -41,7 +42,12 @@ def test_export_run_weights_to_hf(tmp_path):
     reloaded = load_model(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k])
-    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 0
+    # An HF export without a tokenizer would not load in AutoProcessor or a pipeline: refused, naming the fix.
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    assert "pass --tokenizer PATH.model" in capsys.readouterr().err
+    tok = tokenizer_model(tmp_path / "tok.model")
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf"), "--tokenizer", str(tok)]) == 0
+    assert (tmp_path / "hf" / "spiece.model").read_bytes() == tok.read_bytes()
     hf = HFSiglipModel.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(3, 1000, (2, 16))
     with torch.no_grad():

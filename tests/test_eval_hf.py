@@ -128,3 +128,37 @@ def test_eval_pixels_equal_transformers_siglip_processor_on_real_size_jpegs(shap
     # The training fast path (reduced-scale JPEG decode from twice the tower size) is what eval must not use.
     if min(shape) >= 2 * 224:
         assert (preprocess_image(data, 224, fast=True) - pil).abs().max() > 0.1
+
+
+def test_hf_export_loads_with_automodel_autoprocessor_and_the_zero_shot_pipeline(tmp_path):
+    """An export is complete: transformers' own loaders and pipeline use it as it is, and agree with us."""
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, pipeline
+
+    from sigscale.pretrain.interop import export_hf
+    from sigscale.pretrain.tokenizer import Tokenizer
+    from sigscale.pretrain.towers import create_model
+
+    tok_path = tokenizer_model(tmp_path / "tok.model")
+    # The pipeline pads SigLIP prompts to 64 tokens, so the text tower reads 64 here.
+    torch.manual_seed(0)
+    model = create_model("tiny", text_vocab_size=Tokenizer(tok_path).vocab_size, text_context_length=64).eval()
+    out = export_hf(model, tmp_path / "hf", tokenizer_model=tok_path)
+    assert type(AutoModel.from_pretrained(out)).__name__ == "SiglipModel"
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == "SiglipProcessor"
+    image_proc = AutoImageProcessor.from_pretrained(out)
+    assert image_proc.size == {"height": 32, "width": 32} and int(image_proc.resample) == int(Image.BICUBIC)
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    labels = ["a red square", "a blue circle", "ein grünes Quadrat"]
+    got = pipeline("zero-shot-image-classification", model=str(out))(img, candidate_labels=labels,
+                                                                       hypothesis_template="{}")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    tok = Tokenizer(tok_path, context_length=64)
+    with torch.no_grad():
+        x = model.encode_image(preprocess_image(buf.getvalue(), 32)[None])
+        y = model.encode_text(tok(labels))
+        probs = torch.sigmoid(x @ y.T * model.logit_scale.exp() + model.logit_bias)[0]
+    theirs = {r["label"]: r["score"] for r in got}
+    # transformers' default image processor rounds its bicubic resize differently by one 8-bit level at most.
+    torch.testing.assert_close(torch.tensor([theirs[l] for l in labels]), probs.float(), rtol=2e-2, atol=0)
