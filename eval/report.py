@@ -33,7 +33,7 @@ def headline(record: Dict[str, Any]) -> Dict[str, float]:
             out[f"{name} top1"] = res["top1"]
             out[f"{name} top5"] = res["top5"]
         elif name == "xm3600" or "mean" in res:
-            for m in ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5"):
+            for m in ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5", "i2t_r@10", "t2i_r@10"):
                 out[f"{name} {m}"] = res["mean"][m]
         elif "all" in res:
             for m in ("i2t_r@1", "t2i_r@1"):
@@ -53,6 +53,19 @@ def label(record: Dict[str, Any]) -> str:
     step = record.get("step")
     name = record.get("name") or Path(record["checkpoint"]).name
     return f"{name}@{step}" if step is not None else name
+
+
+def unique_labels(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """Labels that tell records apart: a label shared by several gets its report's or checkpoint's folder."""
+    def folder(path: str) -> str:
+        p = Path(path)
+        return p.parent.name if p.name == "report.json" else p.name
+
+    names = [label(r) for r in records]
+    # First the report a record came from (compare), then its checkpoint path: a step dir vs the final weights.
+    for detail in (lambda r: folder(r["report"]) if r.get("report") else "", lambda r: folder(r["checkpoint"])):
+        names = [f"{n} ({detail(r)})" if names.count(n) > 1 and detail(r) else n for n, r in zip(names, records)]
+    return names
 
 
 # ----------------------------------------------------------------------------- plots
@@ -76,17 +89,19 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _language_bars(per_lang: Dict[str, Dict], title: str) -> bytes:
-    """Per-language I→T and T→I R@1, languages sorted by I→T."""
+def _language_bars(per_lang: Dict[str, Dict], title: str, chance: Optional[float] = None) -> bytes:
+    """Per-language I→T and T→I R@1, languages sorted by I→T, with the chance level as a line."""
     langs = sorted(per_lang, key=lambda l: -per_lang[l]["i2t_r@1"])
     fig, ax = _figure(max(5.0, 0.28 * len(langs) + 2))
     x = list(range(len(langs)))
     ax.bar([i - 0.2 for i in x], [per_lang[l]["i2t_r@1"] for l in langs], 0.4, label="I→T R@1")
     ax.bar([i + 0.2 for i in x], [per_lang[l]["t2i_r@1"] for l in langs], 0.4, label="T→I R@1")
     ax.set_xticks(x, langs, rotation=90 if len(langs) > 12 else 0)
+    if chance is not None:
+        ax.axhline(chance, color="grey", lw=0.8, ls="--", label=f"chance {chance:.2f}%")
     ax.set_ylabel("recall@1 (%)")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the bars
     return _png(fig)
 
 
@@ -130,7 +145,9 @@ def _side_by_side(rows: Sequence[Tuple[str, Dict[str, float]]], title: str) -> b
     fig, ax = _figure(max(6.0, 0.9 * len(metrics) + 2))
     width = 0.8 / max(1, len(rows))
     for i, (name, h) in enumerate(rows):
-        ax.bar([j + i * width for j in range(len(metrics))], [h.get(m, 0.0) for m in metrics], width, label=name)
+        # A metric a record lacks is a gap (NaN), not a bar at zero.
+        ax.bar([j + i * width for j in range(len(metrics))], [h.get(m, float("nan")) for m in metrics], width,
+               label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_title(title)
@@ -145,19 +162,23 @@ def report_plots(records: Sequence[Dict], curves: Dict[str, List[Tuple[int, floa
     for name, res in last.get("benchmarks", {}).items():
         per_lang = res.get("languages")
         if per_lang:
-            plots[f"{name}_languages"] = _language_bars(per_lang, f"{name}: recall@1 per language ({label(last)})")
+            plots[f"{name}_languages"] = _language_bars(per_lang, f"{name}: recall@1 per language ({label(last)})",
+                                                        res.get("chance_r@1"))
             plots[f"{name}_i2t_vs_t2i"] = _i2t_vs_t2i(per_lang, f"{name}: I→T vs T→I R@1")
     curve = next((c for c in curves.values() if c), [])
     if sum(r.get("step") is not None for r in records) >= 2 or curve:
         plots["training_curves"] = _curves(records, curve)
     if len(records) >= 2:
-        plots["checkpoints"] = _side_by_side([(label(r), headline(r)) for r in records], "checkpoints side by side")
+        plots["checkpoints"] = _side_by_side(list(zip(unique_labels(records), map(headline, records))),
+                                             "checkpoints side by side")
     return plots
 
 
 # ----------------------------------------------------------------------------- tables
 
 def _fmt(v: Any) -> str:
+    if v is None or v == "":
+        return "—"  # not measured or not applicable, never a blank that reads like a lost number
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
@@ -169,12 +190,15 @@ def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
     """(title, rows with header first, note) for the summary and each benchmark of the last checkpoint."""
     out = []
     metrics = sorted({m for r in records for m in headline(r)})
-    out.append(("Summary", _table(["checkpoint", "kind", "step", "config hash"] + metrics,
-                                  [[label(r), r.get("kind"), r.get("step"), r.get("config_hash")]
-                                   + [headline(r).get(m, "") for m in metrics] for r in records]), ""))
+    out.append(("Summary", _table(["checkpoint", "kind", "step", "model", "recipe", "config hash"] + metrics,
+                                  [[name, r.get("kind"), r.get("step"), r.get("model"), r.get("recipe"),
+                                    r.get("config_hash")] + [headline(r).get(m) for m in metrics]
+                                   for name, r in zip(unique_labels(records), records)]), ""))
     last = records[-1]
     for name, res in last.get("benchmarks", {}).items():
         note = res.get("protocol", "")
+        if res.get("data"):
+            note += f"; data: {res['data']}"
         chance = {k: v for k, v in res.items() if k.startswith("chance")}
         if chance:
             note += "; chance: " + ", ".join(f"{k[7:]} {v:.2f}%" for k, v in chance.items())
@@ -213,15 +237,16 @@ def _html(title: str, tables, plots: Dict[str, bytes], intro: str) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "th{background:#eee}.note{color:#555;font-size:90%}</style></head><body>",
+             "th{background:#eee}.note{color:#555;font-size:90%}.wide{overflow-x:auto}img{max-width:100%}"
+             "</style></head><body>",
              f"<h1>{esc(title)}</h1><p>{esc(intro)}</p>"]
     for name, rows, note in tables:
         parts.append(f"<h2>{esc(name)}</h2>")
         if note:
             parts.append(f"<p class='note'>Protocol: {esc(note)}</p>")
-        parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>")
+        parts.append("<div class='wide'><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c.strip('*'))}</td>" for c in r) + "</tr>" for r in rows[1:]]
-        parts.append("</table>")
+        parts.append("</table></div>")
     for name, png in plots.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<h3>{esc(name)}</h3><img alt='{esc(name)}' src='data:image/png;base64,{data}'>")
@@ -289,14 +314,15 @@ def compare_reports(paths: Sequence[Path], out_dir: Path, title: str = "sigscale
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = sorted({m for r in records for m in headline(r)})
-    rows = _table(["checkpoint", "report", "step", "config hash"] + metrics,
-                  [[label(r), r["report"], r.get("step"), r.get("config_hash")]
-                   + [headline(r).get(m, "") for m in metrics] for r in records])
+    names = unique_labels(records)
+    rows = _table(["checkpoint", "report", "step", "model", "recipe", "config hash"] + metrics,
+                  [[name, r["report"], r.get("step"), r.get("model"), r.get("recipe"), r.get("config_hash")]
+                   + [headline(r).get(m) for m in metrics] for name, r in zip(names, records)])
     protocols = sorted({f"{b}: {res.get('protocol', '')}" for r in records for b, res in r["benchmarks"].items()})
     tables = [("Headline metrics", rows, " | ".join(protocols))]
-    plots = {"comparison": _side_by_side([(label(r), headline(r)) for r in records], title)}
+    plots = {"comparison": _side_by_side(list(zip(names, map(headline, records))), title)}
     doc = {"format": FORMAT + "+compare", "reports": [str(p) for p in paths], "metrics": metrics,
-           "rows": [{"checkpoint": label(r), "report": r["report"], **headline(r)} for r in records]}
+           "rows": [{"checkpoint": name, "report": r["report"], **headline(r)} for name, r in zip(names, records)]}
     (out / "compare.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     intro = f"{len(records)} checkpoint(s) from {len(paths)} report(s)."
     return {"json": out / "compare.json", **_write_pages(out, "compare", title, tables, plots, intro)}

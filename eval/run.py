@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from sigscale.core.distributed import DistInfo
 from sigscale.core.rundir import RunDir
-from sigscale.eval.config import BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
+from sigscale.eval.config import DATA_KEYS, BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
 from sigscale.eval.report import headline
 from sigscale.eval.retrieval import evaluate_shard_retrieval
 from sigscale.eval.xm3600 import evaluate_xm3600
@@ -52,8 +52,9 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: BenchmarkConfig, rank:
         else:
             res = evaluate_shard_retrieval(model, tokenizer, Path(cfg.retrieval_shards), bs, rank, world,
                                            cfg.retrieval_max_samples)
-        if rank == 0:
-            out[name] = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+        if rank == 0:  # what was evaluated on what: the data folder travels with its numbers
+            data = str(Path(getattr(cfg, DATA_KEYS[name][0])).absolute())
+            out[name] = {**res, "data": data, "seconds": round(time.perf_counter() - t0, 2)}
     return out
 
 
@@ -113,6 +114,13 @@ def _model_config_arg(model: str):
     return model
 
 
+def _recipe(exp: Any) -> str:
+    """The training recipe in a few words, for reports."""
+    t = exp.train
+    return (f"{t.loss} loss, batch {t.batch_size}, {t.steps} steps, lr {t.lr:g}, {t.strategy}, {t.precision}, "
+            f"seed {t.seed}")
+
+
 def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> LoadedCheckpoint:
     """Load a checkpoint and its tokenizer for evaluation (plain model on this process's device)."""
     src = resolve_checkpoint(checkpoint)
@@ -124,7 +132,8 @@ def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> Load
             "run_dir": str(run.root) if run else None, "tokenizer": str(tok.path),
             "model": f"ViT {c.vision.width}x{c.vision.depth}/{c.vision.patch_size} @{c.vision.image_size}px, "
                      f"text {c.text.width}x{c.text.depth}, vocab {c.text.vocab_size}",
-            "name": src.experiment.name if src.experiment else Path(checkpoint).name}
+            "name": src.experiment.name if src.experiment else Path(checkpoint).name,
+            "recipe": _recipe(src.experiment) if src.experiment else None}
     return LoadedCheckpoint(net, tok, info)
 
 

@@ -67,6 +67,11 @@ def test_cli_eval_over_training_steps_writes_json_markdown_html(data, capsys):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots <= {p.stem for p in (out / "plots").glob("*.png")}
     md = (out / "report.md").read_text(encoding="utf-8")
+    # What was evaluated on what: data paths, model, recipe, R@10, and a dash (not a blank) where a value is absent.
+    assert f"data: {data['xm']}" in md and f"data: {data['imagenet']}" in md
+    assert "ViT 64x2/8 @32px" in md and "sigmoid loss, batch 8, 4 steps, lr 0.001" in md
+    assert "xm3600 i2t_r@10" in md
+    assert "overflow-x:auto" in (out / "report.html").read_text()
     assert "| language |" in md and "Protocol: all captions per image" in md and "](plots/xm3600_languages.png)" in md
 
     second = data["root"] / "report_b"
@@ -79,7 +84,9 @@ def test_cli_eval_over_training_steps_writes_json_markdown_html(data, capsys):
     cmp = data["root"] / "cmp"
     assert main(["report", "compare", str(out), str(second / "report.json"), "--out", str(cmp)]) == 0
     table = json.loads((cmp / "compare.json").read_text())
-    assert [r["checkpoint"] for r in table["rows"]] == ["tinyrun@2", "tinyrun@4", "tinyrun@4", "tinyrun@4"]
+    # Records that share a label are told apart by their report, then by their checkpoint folder.
+    assert [r["checkpoint"] for r in table["rows"]] == ["tinyrun@2", "tinyrun@4 (report) (step_00000004)",
+                                                        "tinyrun@4 (report) (run)", "tinyrun@4 (report_b)"]
     assert table["rows"][3]["xm3600 i2t_r@1"] == first_only["mean"]["i2t_r@1"]
     page = parse_html(cmp / "compare.html")
     assert page.tables == 1 and len(page.srcs) == 1
