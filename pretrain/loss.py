@@ -128,8 +128,8 @@ def _wait(works: List) -> None:
 
 
 def _negative_pass(logit: Tensor) -> Tuple[Tensor, Tensor]:
-    """Σ softplus(logit) (fp64) and Σ σ(logit); ``logit`` becomes σ(logit) in place (the gradient block)."""
-    loss = F.softplus(logit).sum(dtype=torch.float64)
+    """Σ softplus(logit) and Σ σ(logit); ``logit`` becomes σ(logit) in place (the gradient block)."""
+    loss = F.softplus(logit).sum()  # in the block's dtype: an fp64 sum would first copy the block to fp64
     g = logit.sigmoid_()
     return loss, g.sum()
 

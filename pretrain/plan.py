@@ -305,8 +305,8 @@ def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
     for strategy in dict.fromkeys((*strategies, chosen)):
         if strategy not in MEMORY_LAYOUTS:
             raise PlanError(f"unknown strategy {strategy!r}; choose from {list(MEMORY_LAYOUTS)}")
-        # Our engine casts to bf16 only through FSDP2's policy or DeepSpeed; DDP computes in fp32.
-        act_b = 2 if bf16 and strategy != "ddp" else 4
+        # bf16 activations under every strategy: FSDP2's policy, DeepSpeed's bf16, autocast for DDP.
+        act_b = 2 if bf16 else 4
         per_tower = {ck: sum(tower_activation_bytes(m, tw, act_b, ck) for tw in ("vision", "text"))
                      for ck in (False, True)}
         chosen_act = sum(tower_activation_bytes(m, tw, act_b, getattr(t.grad_checkpointing, tw))

@@ -58,6 +58,18 @@ def parallelize(model: SiglipModel, cfg: TrainConfig, info: DistInfo) -> nn.Modu
     raise ConfigError(f"train.strategy={cfg.strategy!r} is unknown; use one of {list(STRATEGIES)}")
 
 
+def compute_precision(cfg: TrainConfig, info: DistInfo) -> contextlib.AbstractContextManager:
+    """The context the towers run in: bf16 autocast where the strategy does not cast by itself.
+
+    FSDP2 casts through its MixedPrecisionPolicy and DeepSpeed through its bf16 config; DDP and a
+    single process would silently compute in fp32, so ``precision=bf16`` autocasts them.
+    """
+    strategy = cfg.strategy if info.world_size > 1 else "single"
+    if cfg.precision == "bf16" and strategy in ("ddp", "single"):
+        return torch.autocast(info.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def uses_deepspeed(cfg: TrainConfig, info: DistInfo) -> bool:
     return cfg.strategy == "deepspeed" and info.world_size > 1
 

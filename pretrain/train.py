@@ -35,8 +35,8 @@ from sigscale.pretrain.interop import load_model
 from sigscale.pretrain.loss import chunked_sigmoid_loss, softmax_loss
 from sigscale.pretrain.metrics import RunLog, peak_tflops
 from sigscale.pretrain.optim import build_optimizer, build_schedule, tower_of
-from sigscale.pretrain.sharding import (backward, deepspeed_engine, full_state_dict, gradient_sync, optimizer_step,
-                                       parallelize, uses_deepspeed)
+from sigscale.pretrain.sharding import (backward, compute_precision, deepspeed_engine, full_state_dict, gradient_sync,
+                                       optimizer_step, parallelize, uses_deepspeed)
 from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
 from sigscale.pretrain.towers import SiglipModel, create_model, tower_flops_per_sample
 
@@ -89,9 +89,10 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
     """
     cached = None
     if len(micro_batches) == 1:
-        img, txt, scale, bias = model(*micro_batches[0])
+        with compute_precision(cfg.train, info):
+            img, txt, scale, bias = model(*micro_batches[0])
     else:
-        with torch.no_grad():
+        with torch.no_grad(), compute_precision(cfg.train, info):
             cached = [model(pixels, tokens) for pixels, tokens in micro_batches]
         img = torch.cat([c[0] for c in cached]).requires_grad_()
         txt = torch.cat([c[1] for c in cached]).requires_grad_()
@@ -113,7 +114,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches
             start = rows.stop
             last = j == len(micro_batches) - 1
             with gradient_sync(model, enabled=last):
-                i_j, t_j, s_j, b_j = model(pixels, tokens)
+                with compute_precision(cfg.train, info):
+                    i_j, t_j, s_j, b_j = model(pixels, tokens)
                 surrogate = (i_j * img.grad[rows]).sum() + (t_j * txt.grad[rows]).sum()
                 # t and b enter the loss once. They take part in every pass (with zero weight before the
                 # last) so that DDP and ZeRO see the same parameters receive gradients in each backward.

@@ -1,5 +1,6 @@
 """The training engine: strategies agree with one process, checkpoints resume exactly."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sigscale.core.config import ConfigError
 from sigscale.core.manifest import write_shards
@@ -341,3 +343,19 @@ def test_resume_keeps_the_runs_tokenizer(tmp_path, data):
     with pytest.raises(ConfigError, match=r"tokenizer.model=.*other.model differs from the tokenizer .* was trained with"):
         train(load_config("tiny", overrides((shards, other), run, 2, 2)))
     assert (run / "tokenizer.model").read_bytes() == Path(tok).read_bytes()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_single_process_computes_in_the_precision_asked_for(tmp_path, data, precision):
+    """precision=bf16 is bf16 on one process too (autocast), not a silent fp32; fp32 stays fp32."""
+    seen = []
+
+    def watch(event):  # after step 0, look at what a matmul of the first vision block computes in at step 1
+        if event.step == 0:
+            event.model.visual.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    cfg = load_config("tiny", overrides(data, tmp_path / precision, 2, 2, [f"train.precision={precision}",
+                                                                          "train.strategy=single"]))
+    result = train(cfg, hooks=[watch])
+    assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
+    assert all(math.isfinite(l) for l in result.losses)
