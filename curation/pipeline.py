@@ -20,21 +20,22 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import pandas as pd
 
 from sigscale.core.config import config_hash
 from sigscale.core.manifest import write_shards
-from sigscale.curation.balance import balance
+from sigscale.curation.balance import BALANCE_REASONS, METADATA_UNMATCHED, balance, metadata_balance
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import (IMAGE_REASONS, check_images, contaminated, eval_images, hash_files,
                                             near_duplicates)
 from sigscale.curation.report import write_report
 from sigscale.curation.sources import list_files, read_url_list
-from sigscale.curation.text_filters import TEXT_REASONS, cleaned_counts, filter_text, normalize_and_dedup
+from sigscale.curation.text_filters import (TEXT_REASONS, cleaned_counts, filter_text, language_outcomes,
+                                           merge_language_outcomes, normalize_and_dedup)
 from sigscale.curation.url_policy import UrlPolicy
 
 PLAN = "plan.json"
@@ -44,7 +45,7 @@ OUTCOMES = "outcomes.parquet"  # one line per input row: row, reason (null: kept
 EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE = "eval_duplicate", "near_duplicate", "low_score", "balance"
 FINALIZE_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE)
 # A URL reason can come from the text stage or, at fetch time, from the download: listed once.
-DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS))
+DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS + BALANCE_REASONS))
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
          "thumb", "score", "final_url"]
@@ -179,6 +180,7 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     _write_json(tmp / DONE, {
         "part": asdict(part), "config_hash": want, "rows": len(rows), "candidates": len(candidates),
         "dropped": dict(Counter(drops["reason"])), "languages_text": dict(Counter(kept["language"])),
+        "language_id": language_outcomes(rows, kept, text_drops),
         "text_seconds": round(t1 - t0, 3), "download_seconds": round(t2 - t1, 3),
         "image_seconds": round(t3 - t2, 3), "downloaded": fetched, "download_attempts": len(kept),
         "short_side_histogram": short_side_histogram(np.minimum(arrived["original_width"], arrived["original_height"])),
@@ -201,8 +203,8 @@ def short_side_histogram(short_sides) -> Dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts)}
 
 
-def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
-    """Drop reason per candidate (None: kept) from the merge-time filters, in order."""
+def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> Tuple[pd.Series, dict]:
+    """Drop reason per candidate (None: kept) from the merge-time filters, in order, and the metadata balance's summary."""
 
 
     im = cfg.image
@@ -230,9 +232,16 @@ def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
         order = alive[np.lexsort((meta["row"].to_numpy()[alive], -score[alive]))]  # ties: earlier row first
         reason[order[keep:]] = LOW_SCORE
     alive = np.flatnonzero(reason.isna().to_numpy())
-    keep = balance(meta["language"].to_numpy(object)[alive], cfg.balance)
+    languages = meta["language"].to_numpy(object)[alive]
+    if cfg.balance.mode == "metadata":
+        keep, unmatched, table = metadata_balance(meta["row"].to_numpy(np.int64)[alive],
+                                                  meta["caption"].to_numpy(object)[alive], languages, cfg.balance)
+        reason[alive[unmatched]] = METADATA_UNMATCHED
+        reason[alive[~keep & ~unmatched]] = BALANCE
+        return reason, table
+    keep = balance(languages, cfg.balance)
     reason[alive[~keep]] = BALANCE
-    return reason
+    return reason, {}
 
 
 def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator[dict]:
@@ -273,7 +282,7 @@ def finalize(cfg: CurationConfig) -> Path:
     drops += [pd.read_parquet(_part_dir(cfg, p) / "drops.parquet") for p in parts]
     meta = pd.concat([pd.read_parquet(_part_dir(cfg, p) / "candidates.parquet", columns=_META) for p in parts],
                      ignore_index=True).sort_values("row", ignore_index=True)
-    reason = _final_drops(meta, cfg)
+    reason, metadata_summary = _final_drops(meta, cfg)
     kept = meta[reason.isna()]
     drops.append(pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]}))
     drops = pd.concat(drops, ignore_index=True)
@@ -307,9 +316,11 @@ def finalize(cfg: CurationConfig) -> Path:
         "captions_cleaned": plan.get("captions_cleaned", {}),
         "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
         "languages_after": manifest.languages,
+        "language_id": merge_language_outcomes(d.get("language_id", {}) for d in done),
         "short_side_histogram": {k: sum(d["short_side_histogram"][k] for d in done)
                                  for k in short_side_histogram([])},
         "shards": len(manifest.shards), "parts": len(parts), "config_hash": config_hash(cfg),
+        "metadata_balance": metadata_summary,
         "timing": {
             "plan_seconds": plan["plan_seconds"], "text_seconds": round(text_s, 3),
             "download_seconds": round(download_s, 3),

@@ -51,6 +51,12 @@ def write_report(stats: dict, out_dir: Path, plots: bool = True, name: str = "cu
         "## Languages",
         _table(["language", "after text stage", "final"],
                [[lang, before.get(lang, 0), after.get(lang, 0)] for lang in sorted(set(before) | set(after))]),
+        "## Language ID: declared vs detected (text stage)",
+        _table(["language", "rows", "kept", "dropped (language ID)", "dropped (other text)", "kept as another language",
+                "examples (detected, confidence)"],
+               [[lang, e["rows"], e["kept"], e["dropped_language"], e["dropped_other"], e["mismatched"],
+                 "; ".join(f"{x['caption']!r} -> {x['detected']} {x['confidence']}" for x in e["examples"])]
+                for lang, e in stats.get("language_id", {}).items()]),
         "## Downloaded images by shorter original side (px)",
         _table(["short side", "images"], [[k, v] for k, v in stats["short_side_histogram"].items()]),
         "## Throughput",

@@ -163,6 +163,29 @@ def test_finalize_only_settings_rebalance_without_downloading(curated, monkeypat
         finalize(curated["cfg"])  # leave the module's output as the other tests expect it
 
 
+def test_metadata_balance_runs_in_finalize_and_accounts_for_every_row(curated, monkeypatch):
+    monkeypatch.setattr("sigscale.curation.download.download", lambda *a, **k: pytest.fail("downloaded"))
+    d = curated["dir"]
+    baseline = json.loads((curated["out"] / "stats.json").read_text())
+    (d / "en.txt").write_text("circle\nsquare\ntriangle\nstar\n", encoding="utf-8")
+    (d / "de.txt").write_text("Kreis\nQuadrat\nDreieck\nStern\n", encoding="utf-8")  # casefolded: "Kreise" matches
+    cfg = load_curation_config("demo", overrides(d, ["balance.mode=metadata", f"balance.metadata.en={d / 'en.txt'}",
+                                                     f"balance.metadata.de={d / 'de.txt'}", "balance.threshold=2"]))
+    try:
+        finalize(cfg)
+        stats = json.loads((d / "out" / "stats.json").read_text())
+        before = baseline["languages_after"]
+        assert stats["dropped"]["metadata_unmatched"] == sum(n for lang, n in before.items() if lang not in ("en", "de"))
+        assert stats["kept"] + sum(stats["dropped"].values()) == stats["input_rows"]
+        assert set(stats["languages_after"]) <= {"en", "de"}
+        table = stats["metadata_balance"]
+        assert {lang: table[lang]["captions_matched"] for lang in ("en", "de")} == {"en": before["en"], "de": before["de"]}
+        assert table["en"]["kept"] + table["de"]["kept"] == stats["kept"]
+        assert stats["dropped"]["balance"] == before["en"] + before["de"] - stats["kept"] > 0
+    finally:
+        finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+
+
 def test_part_settings_cannot_change_under_finished_parts(curated):
     cfg = load_curation_config("demo", overrides(curated["dir"], ["image.min_side=40"]))
     with pytest.raises(CurationError, match="part-00000 was curated with another config"):
