@@ -137,7 +137,9 @@ def metadata_balance(rows: Sequence[int], captions: Sequence[str], languages: Se
     whose caption matches entries is kept with probability min(1, t_lang / count) of its rarest
     matched entry (``balance.thresholds`` per language, else ``balance.threshold``), decided by
     :func:`row_uniforms`. Head entries are thus cut to about t_lang captions each while tail
-    entries keep all theirs. Items matching nothing are not kept (``unmatched``).
+    entries keep all theirs. Items matching nothing are not kept (``unmatched``). MetaCLIP's
+    Algorithm 1 instead flips one coin per matched entry and keeps a caption if any succeeds; the
+    two agree for captions with one entry and differ little for several (the rarest dominates).
     """
     languages = [str(lang) for lang in languages]
     entries = load_metadata(cfg)

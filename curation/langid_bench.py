@@ -19,7 +19,7 @@ from sigscale.curation import synthetic
 from sigscale.curation.config import TextConfig
 from sigscale.curation.text_filters import LANGUAGE_REASONS, filter_text
 
-_BASE = TextConfig(min_chars=1, min_words=1, resolve_hosts=False, allow_private_networks=True)
+_BASE = TextConfig(min_chars=1, min_words=1, resolve_hosts=False)
 # name -> (text config, whether the list declares each caption's language, declared = true or a wrong one)
 SETTINGS = {
     "declared": (_BASE, "true"),
@@ -70,22 +70,25 @@ def run_langid_bench(out_json: Optional[str | Path] = None, per_language: int = 
     return result
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def render_langid_markdown(result: dict) -> str:
     """The BENCHMARKS.md table: per language, % dropped / % mislabelled in each setting."""
     s = result["settings"]
-    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     header = ["language", "declared column: dropped / mislabelled %", "allow-list of the 20: dropped / mislabelled %",
               "any language: dropped / mislabelled %", "before (py3langid >= 0.5): dropped / mislabelled %",
               "wrong declaration: detected correctly %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for lang in result["languages"]:
-        cells = [f"{pct(s[k][lang]['dropped'])} / {pct(s[k][lang]['mislabelled'])}"
+        cells = [f"{_pct(s[k][lang]['dropped'])} / {_pct(s[k][lang]['mislabelled'])}"
                  for k in ("declared", "allow_list", "any", "before")]
-        lines.append("| " + " | ".join([lang, *cells, pct(s["wrong_declared"][lang]["correct"])]) + " |")
+        lines.append("| " + " | ".join([lang, *cells, _pct(s["wrong_declared"][lang]["correct"])]) + " |")
     worst = {k: max(v["dropped"] for v in s[k].values()) for k in s}
     lines.append("")
     lines.append(f"{result['per_language']} captions per language (half the bare noun phrase), seed {result['seed']}; "
                  f"text.min_confidence {result['min_confidence']}, text.declared_prior {result['declared_prior']}, "
                  f"text.confidence_chars {result['confidence_chars']}. Worst language dropped: "
-                 + ", ".join(f"{k} {pct(v)}%" for k, v in worst.items()) + ".")
+                 + ", ".join(f"{k} {_pct(v)}%" for k, v in worst.items()) + ".")
     return "\n".join(lines)
