@@ -22,7 +22,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
         print(f"part done: {run_part(cfg, parts[args.part])}")
         return 0
     out = finalize(cfg) if args.finalize else curate(cfg)
-    print(f"shards, manifest.json, stats.json, report.md: {out}")
+    print(f"shards, manifest.json, stats.json, report.md, report.html: {out}")
     return 0
 
 

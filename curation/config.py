@@ -25,7 +25,7 @@ class CurationError(SigscaleError, ValueError):
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl")
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
-BALANCE_MODES = ("none", "cap", "temperature")
+BALANCE_MODES = ("none", "cap", "temperature", "metadata")
 # img2dataset's defaults: X-Robots-Tag directives that forbid use of an image.
 ROBOTS_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
@@ -46,6 +46,10 @@ class TextConfig:
     min_confidence: float = 0.5  # language-ID probability below which a caption is dropped
     language_thresholds: Dict[str, float] = field(default_factory=dict)  # per-language override
     trust_language_col: bool = False  # take input.language_col instead of detecting
+    # Prior probability that input.language_col is right, before the caption is read (langid.decide);
+    # 0: ignore the column when detecting.
+    declared_prior: float = 0.5
+    confidence_chars: int = 60  # captions shorter than this face a proportionally lower threshold; 0: off
     min_chars: int = 3
     max_chars: int = 1000
     min_words: int = 1  # CJK runs count one word per two characters
@@ -105,9 +109,13 @@ class ImageConfig:
 
 @dataclass
 class BalanceConfig:
-    mode: str = "none"  # none | cap | temperature
+    mode: str = "none"  # none | cap | temperature | metadata
     max_fraction: float = 1.0  # cap: no language above this share of the output
     temperature: float = 1.0  # temperature: p_lang proportional to n_lang^(1/T); 1 keeps the mix
+    # metadata (MetaCLIP): language -> file of entries, one a line; captions of other languages match nothing
+    metadata: Dict[str, str] = field(default_factory=dict)
+    threshold: int = 20000  # t: captions kept per entry at most (about); MetaCLIP's 400M set used 20k
+    thresholds: Dict[str, int] = field(default_factory=dict)  # t_lang per language (MetaCLIP 2)
     seed: int = 0
 
 
@@ -166,18 +174,7 @@ def validate(cfg: CurationConfig) -> None:
         raise ConfigError("input.url_col and input.caption_col must name columns of the URL list")
     if t.trust_language_col and not i.language_col:
         raise ConfigError("text.trust_language_col=true needs input.language_col; name the column or detect languages")
-    if t.languages or t.language_thresholds:
-        known = known_languages()
-        unknown = sorted((set(t.languages) | set(t.language_thresholds)) - known)
-        if unknown:
-            raise ConfigError(
-                f"text.languages / text.language_thresholds name unknown language code(s) {unknown}; "
-                f"use ISO 639-1 codes the language identifier knows, e.g. {sorted(known)[:12]}"
-            )
-    for key, value in [("text.min_confidence", t.min_confidence), *[(f"text.language_thresholds.{k}", v)
-                                                                   for k, v in t.language_thresholds.items()]]:
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{key}={value} must be a probability in [0, 1]")
+    _validate_language_id(t)
     if t.min_chars > t.max_chars or t.min_words > t.max_words:
         raise ConfigError(
             f"text.min_chars/min_words ({t.min_chars}/{t.min_words}) exceed max_chars/max_words "
@@ -224,9 +221,47 @@ def validate(cfg: CurationConfig) -> None:
         _fraction(b.max_fraction, "balance.max_fraction")
     if b.mode == "temperature" and b.temperature <= 0:
         raise ConfigError(f"balance.temperature={b.temperature} must be positive")
+    if b.mode == "metadata":
+        _validate_metadata(b)
     for key in ("samples_per_shard", "rows_per_part"):
         if getattr(o, key) <= 0:
             raise ConfigError(f"output.{key}={getattr(o, key)} must be positive")
+
+
+def _validate_language_id(t: TextConfig) -> None:
+    if t.languages or t.language_thresholds:
+        known = known_languages()
+        unknown = sorted((set(t.languages) | set(t.language_thresholds)) - known)
+        if unknown:
+            raise ConfigError(
+                f"text.languages / text.language_thresholds name unknown language code(s) {unknown}; "
+                f"use ISO 639-1 codes the language identifier knows, e.g. {sorted(known)[:12]}"
+            )
+    for key, value in [("text.min_confidence", t.min_confidence), *[(f"text.language_thresholds.{k}", v)
+                                                                   for k, v in t.language_thresholds.items()]]:
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must be a probability in [0, 1]")
+    if not 0 <= t.declared_prior < 1:
+        raise ConfigError(f"text.declared_prior={t.declared_prior} must be in [0, 1); to take the column as it is "
+                          "set text.trust_language_col=true")
+    if t.confidence_chars < 0:
+        raise ConfigError(f"text.confidence_chars={t.confidence_chars} must be >= 0 (0: one threshold for every length)")
+
+
+def _validate_metadata(b: BalanceConfig) -> None:
+    if not b.metadata:
+        raise ConfigError("balance.mode=metadata needs balance.metadata: a file of entries per language "
+                          "(balance.metadata.en=entries_en.txt)")
+    for lang, path in b.metadata.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"balance.metadata.{lang} file {path} does not exist; give a text file with one entry a line")
+    for key, value in [("balance.threshold", b.threshold), *[(f"balance.thresholds.{k}", v) for k, v in b.thresholds.items()]]:
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive number of captions per entry")
+    extra = sorted(set(b.thresholds) - set(b.metadata))
+    if extra:
+        raise ConfigError(f"balance.thresholds names language(s) {extra} without balance.metadata entries; "
+                          "add their entry files or remove the thresholds")
 
 
 def part_config_hash(cfg: CurationConfig) -> str:

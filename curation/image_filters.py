@@ -182,10 +182,14 @@ def read_tar(path: Path) -> Iterator[Tuple[str, Dict[str, bytes]]]:
             yield key, sample
 
 
-def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig) -> Tuple[pd.DataFrame, pd.DataFrame]:
+def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig,
+                 samples: Optional[Dict[str, List[Tuple[int, bytes]]]] = None,
+                 per_reason: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Per-image checks on downloaded rows (reason None); returns (candidates, drops).
 
     Candidates hold row, jpg, width, height, nbytes, phash, thumb; drops hold row, reason.
+    ``samples`` (reason -> [(row, jpg)]) receives the first ``per_reason`` dropped images of each
+    reason, for the report: the downloads are gone once the part is done.
     """
     ok = results[results["reason"].isna()]
     wanted = dict(zip(zip(ok["shard"], ok["key"]), zip(ok["row"], ok["original_width"], ok["original_height"])))
@@ -211,6 +215,8 @@ def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig) -> T
                     reason = IMAGE_DECODE
             if reason:
                 drops.append((row, reason))
+                if samples is not None and len(samples.setdefault(reason, [])) < per_reason:
+                    samples[reason].append((row, data))
                 continue
             kept.append({"row": row, "jpg": data, "width": meta.get("width"), "height": meta.get("height"),
                          "original_width": int(ow), "original_height": int(oh), "nbytes": len(data),

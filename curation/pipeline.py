@@ -5,10 +5,10 @@ over the whole list and cuts the rest into parts of ``output.rows_per_part`` inp
 ``run_part`` takes one part through the text stage, img2dataset and the image checks into
 ``work/parts/part-NNNNN/`` and marks it done; a rerun skips it. ``finalize`` merges the parts
 deterministically (rows in input order): decontamination, near-duplicates, score filter and
-language balance over all of them, then uniform shards, manifest.json, stats.json, captions.txt
-and report.md. Every input row ends kept or with one counted drop reason.
+language balance over all of them, then uniform shards, manifest.json, stats.json, captions.txt,
+report.md and report.html. Every input row ends kept or with one counted drop reason.
 
-Layout under ``output.dir``: shard-NNNNN.tar, manifest.json, stats.json, captions.txt, report.md,
+Layout under ``output.dir``: shard-NNNNN.tar, manifest.json, stats.json, captions.txt, report.md, report.html,
 plots, and work/ (plan.json, inputs/, parts/).
 """
 from __future__ import annotations
@@ -20,31 +20,36 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
 import pandas as pd
 
 from sigscale.core.config import config_hash
 from sigscale.core.manifest import write_shards
-from sigscale.curation.balance import balance
+from sigscale.curation.balance import BALANCE_REASONS, METADATA_UNMATCHED, balance, metadata_balance
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import (IMAGE_REASONS, check_images, contaminated, eval_images, hash_files,
                                             near_duplicates)
+from sigscale.curation.langid import declared_code
 from sigscale.curation.report import write_report
 from sigscale.curation.sources import list_files, read_url_list
-from sigscale.curation.text_filters import TEXT_REASONS, cleaned_counts, filter_text, normalize_and_dedup
+from sigscale.curation.text_filters import (TEXT_REASONS, cleaned_counts, filter_text, language_outcomes,
+                                           merge_language_outcomes, normalize_and_dedup)
 from sigscale.curation.url_policy import UrlPolicy
 
 PLAN = "plan.json"
 DONE = "done.json"
 OUTCOMES = "outcomes.parquet"  # one line per input row: row, reason (null: kept)
+SAMPLES = "samples.parquet"  # a part's first dropped images per image-stage reason, for report.html
+SAMPLES_PER_REASON = 8
+KEPT_SAMPLES = 24
 # Drop reasons of the finalize step; with the text, download and image stages' these are every reason there is.
 EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE = "eval_duplicate", "near_duplicate", "low_score", "balance"
 FINALIZE_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE)
 # A URL reason can come from the text stage or, at fetch time, from the download: listed once.
-DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS))
+DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS + BALANCE_REASONS))
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
          "thumb", "score", "final_url"]
@@ -117,8 +122,10 @@ def plan_parts(cfg: CurationConfig) -> List[Part]:
         path = work / "inputs" / f"{part.name}.parquet"
         chunk.to_parquet(path.with_suffix(".tmp"), index=False)
         path.with_suffix(".tmp").replace(path)
+    declared = pd.Series([declared_code(x) for x in df["declared_language"]], index=df["row"].to_numpy())
     _write_json(plan_path, {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
-                            "captions_cleaned": cleaned, "plan_seconds": round(time.perf_counter() - t0, 3)})
+                            "captions_cleaned": cleaned, "plan_seconds": round(time.perf_counter() - t0, 3),
+                            "dropped_by_language": reasons_by_language(drops, declared)})
     print(f"curate: planned {n} rows in {len(parts)} part(s); {len(drops)} dropped before download", flush=True)
     return parts
 
@@ -153,7 +160,8 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download,
                        UrlPolicy.from_config(cfg.text))
     t2 = time.perf_counter()
-    candidates, image_drops = check_images(results, tmp / "download" / "shards", cfg.image)
+    samples: Dict[str, list] = {}
+    candidates, image_drops = check_images(results, tmp / "download" / "shards", cfg.image, samples, SAMPLES_PER_REASON)
     candidates = candidates.merge(
         kept[["row", "url", "caption", "caption_original", "declared_language", "extras", "language",
               "language_confidence"]], on="row", how="left")
@@ -172,13 +180,21 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
         raise RuntimeError(f"{part.name}: {len(rows)} rows in, {len(candidates)} kept + {len(drops)} dropped out")
     candidates[_META + ["jpg"]].to_parquet(tmp / "candidates.parquet", index=False)
     drops.to_parquet(tmp / "drops.parquet", index=False)
+    pd.DataFrame([(row, reason, jpg) for reason, items in samples.items() for row, jpg in items],
+                 columns=["row", "reason", "jpg"]).to_parquet(tmp / SAMPLES, index=False)
     if not cfg.output.keep_downloads:
         shutil.rmtree(tmp / "download")
     arrived = results[results["reason"].isna()]
     fetched = len(arrived)
+    language = _row_languages(rows, kept)
     _write_json(tmp / DONE, {
         "part": asdict(part), "config_hash": want, "rows": len(rows), "candidates": len(candidates),
         "dropped": dict(Counter(drops["reason"])), "languages_text": dict(Counter(kept["language"])),
+        "language_id": language_outcomes(rows, kept, text_drops),
+        "dropped_by_stage": {"text": dict(Counter(text_drops["reason"])),
+                             "download": dict(Counter(download_drops["reason"])),
+                             "image": dict(Counter(image_drops["reason"]))},
+        "dropped_by_language": reasons_by_language(drops, language),
         "text_seconds": round(t1 - t0, 3), "download_seconds": round(t2 - t1, 3),
         "image_seconds": round(t3 - t2, 3), "downloaded": fetched, "download_attempts": len(kept),
         "short_side_histogram": short_side_histogram(np.minimum(arrived["original_width"], arrived["original_height"])),
@@ -191,6 +207,30 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     return final
 
 
+def _row_languages(rows: pd.DataFrame, kept: pd.DataFrame) -> pd.Series:
+    """Language per row of a part: detected where the text stage kept it, else the declared one, else "und"."""
+    declared = pd.Series([declared_code(x) or "und" for x in rows["declared_language"]], index=rows["row"].to_numpy())
+    declared[kept["row"].to_numpy()] = kept["language"].to_numpy()
+    return declared
+
+
+def reasons_by_language(drops: pd.DataFrame, language: pd.Series) -> Dict[str, Dict[str, int]]:
+    """{reason: {language: rows}} of a drops frame (row, reason); rows without a language count as "und"."""
+    langs = language.reindex(drops["row"].to_numpy()).fillna("und").to_numpy(object)
+    out: Dict[str, Dict[str, int]] = {}
+    for reason, lang in zip(drops["reason"], langs):
+        out.setdefault(reason, Counter())[lang] += 1
+    return {reason: dict(sorted(c.items())) for reason, c in sorted(out.items())}
+
+
+def _sum_counts(tables: Iterable[Dict[str, Dict[str, int]]]) -> Dict[str, Dict[str, int]]:
+    out: Dict[str, Counter] = {}
+    for table in tables:
+        for key, counts in table.items():
+            out.setdefault(key, Counter()).update(counts)
+    return {key: dict(sorted(c.items())) for key, c in sorted(out.items())}
+
+
 SIZE_BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -201,8 +241,8 @@ def short_side_histogram(short_sides) -> Dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts)}
 
 
-def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
-    """Drop reason per candidate (None: kept) from the merge-time filters, in order."""
+def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> Tuple[pd.Series, dict]:
+    """Drop reason per candidate (None: kept) from the merge-time filters, in order, and the metadata balance's summary."""
 
 
     im = cfg.image
@@ -230,9 +270,16 @@ def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> pd.Series:
         order = alive[np.lexsort((meta["row"].to_numpy()[alive], -score[alive]))]  # ties: earlier row first
         reason[order[keep:]] = LOW_SCORE
     alive = np.flatnonzero(reason.isna().to_numpy())
-    keep = balance(meta["language"].to_numpy(object)[alive], cfg.balance)
+    languages = meta["language"].to_numpy(object)[alive]
+    if cfg.balance.mode == "metadata":
+        keep, unmatched, table = metadata_balance(meta["row"].to_numpy(np.int64)[alive],
+                                                  meta["caption"].to_numpy(object)[alive], languages, cfg.balance)
+        reason[alive[unmatched]] = METADATA_UNMATCHED
+        reason[alive[~keep & ~unmatched]] = BALANCE
+        return reason, table
+    keep = balance(languages, cfg.balance)
     reason[alive[~keep]] = BALANCE
-    return reason
+    return reason, {}
 
 
 def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator[dict]:
@@ -253,7 +300,7 @@ def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator
 
 
 def finalize(cfg: CurationConfig) -> Path:
-    """Merge finished parts into shards, manifest.json, stats.json, captions.txt and report.md."""
+    """Merge finished parts into shards, manifest.json, stats.json, captions.txt, report.md and report.html."""
 
 
     plan_path = cfg.work_dir / PLAN
@@ -273,7 +320,7 @@ def finalize(cfg: CurationConfig) -> Path:
     drops += [pd.read_parquet(_part_dir(cfg, p) / "drops.parquet") for p in parts]
     meta = pd.concat([pd.read_parquet(_part_dir(cfg, p) / "candidates.parquet", columns=_META) for p in parts],
                      ignore_index=True).sort_values("row", ignore_index=True)
-    reason = _final_drops(meta, cfg)
+    reason, metadata_summary = _final_drops(meta, cfg)
     kept = meta[reason.isna()]
     drops.append(pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]}))
     drops = pd.concat(drops, ignore_index=True)
@@ -294,36 +341,104 @@ def finalize(cfg: CurationConfig) -> Path:
                             prefix="shard")
     if cfg.output.corpus:
         (out / "captions.txt").write_text("".join(c + "\n" for c in kept["caption"]), encoding="utf-8")
+    stats = _stats(cfg, plan, done, drops, kept, meta, reason, manifest.languages, len(manifest.shards))
+    stats["metadata_balance"] = metadata_summary
+    stats["timing"]["finalize_seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(out / "stats.json", stats)
+    write_report(stats, out, plots=cfg.output.plots, name=cfg.name,
+                 samples=_report_samples(cfg, parts, meta, reason))
+    print(f"curate: kept {len(kept)} of {n} rows in {len(manifest.shards)} shard(s) at {out}", flush=True)
+    if not len(kept):
+        raise CurationError(f"no sample survived curation of {cfg.input.path}; see {out / 'stats.json'} for the drop reasons")
+    return out
+
+
+def _stats(cfg: CurationConfig, plan: dict, done: List[dict], drops: pd.DataFrame, kept: pd.DataFrame,
+           meta: pd.DataFrame, reason: pd.Series, languages_after: Dict[str, int], shards: int) -> dict:
+    """stats.json of a finalized run (finalize adds its own seconds): counts, funnel, languages, config, timing."""
     dropped = Counter(drops["reason"])
     unknown = set(dropped) - set(DROP_REASONS)
     if unknown:  # a stage invented a reason without declaring it: stats would not be comparable across runs
         raise RuntimeError(f"undeclared drop reasons {sorted(unknown)}; add them to their stage's *_REASONS")
+    n = plan["input_rows"]
     text_s = sum(d["text_seconds"] for d in done)
     download_s = sum(d["download_seconds"] for d in done)
-    stats = {
+    final = pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]})
+    return {
         "input_rows": n, "kept": len(kept), "dropped_total": len(drops),
         "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "funnel": _funnel(n, plan, done, Counter(final["reason"])),
+        "dropped_by_language": _sum_counts([plan.get("dropped_by_language", {}),
+                                            *(d.get("dropped_by_language", {}) for d in done),
+                                            reasons_by_language(final, meta.set_index("row")["language"])]),
         # Captions kept after removing these characters (counted per caption), not dropped.
         "captions_cleaned": plan.get("captions_cleaned", {}),
         "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
-        "languages_after": manifest.languages,
+        "languages_after": languages_after,
+        "language_id": merge_language_outcomes(d.get("language_id", {}) for d in done),
         "short_side_histogram": {k: sum(d["short_side_histogram"][k] for d in done)
                                  for k in short_side_histogram([])},
-        "shards": len(manifest.shards), "parts": len(parts), "config_hash": config_hash(cfg),
+        "shards": shards, "parts": len(done), "config_hash": config_hash(cfg), "config": _flat(asdict(cfg)),
         "timing": {
             "plan_seconds": plan["plan_seconds"], "text_seconds": round(text_s, 3),
             "download_seconds": round(download_s, 3),
             "image_seconds": round(sum(d["image_seconds"] for d in done), 3),
-            "finalize_seconds": round(time.perf_counter() - t0, 3),
             "captions_per_second": round(sum(d["rows"] for d in done) / max(text_s, 1e-9), 1),
             "images_per_second": round(sum(d["downloaded"] for d in done) / max(download_s, 1e-9), 1),
         },
     }
-    _write_json(out / "stats.json", stats)
-    write_report(stats, out, plots=cfg.output.plots, name=cfg.name)
-    print(f"curate: kept {len(kept)} of {n} rows in {len(manifest.shards)} shard(s) at {out}", flush=True)
-    if not len(kept):
-        raise CurationError(f"no sample survived curation of {cfg.input.path}; see {out / 'stats.json'} for the drop reasons")
+
+
+# The funnel's steps after the text stage: each stage's reasons, in the order rows meet them.
+_FUNNEL = (("download (img2dataset)", "download"), ("image checks", "image"))
+
+
+def _funnel(n: int, plan: dict, done: List[dict], final: Counter) -> List[list]:
+    """[[step, rows left after it], ...] from the input rows to the kept ones."""
+    plan_dropped = sum(sum(v.values()) for v in plan.get("dropped_by_language", {}).values())
+    steps = [["input rows", n], ["plan: normalise, exact duplicates", n - plan_dropped]]
+    for label, stage in (("text filters", "text"), *_FUNNEL):
+        steps.append([label, steps[-1][1] - sum(sum(d.get("dropped_by_stage", {}).get(stage, {}).values())
+                                                for d in done)])
+    merge = sum(final[r] for r in (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE))
+    steps.append(["decontamination, near-duplicates, score", steps[-1][1] - merge])
+    steps.append(["balance (kept)", steps[-1][1] - final[BALANCE] - final[METADATA_UNMATCHED]])
+    return steps
+
+
+def _flat(tree: dict, prefix: str = "") -> Dict[str, object]:
+    """A nested config dict as dotted keys ("text.min_confidence": 0.5), the way overrides name them."""
+    out: Dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _report_samples(cfg: CurationConfig, parts: List[Part], meta: pd.DataFrame, reason: pd.Series) -> dict:
+    """Images for report.html: the first kept samples, and the first dropped ones per reason that has an image."""
+    kept_rows = meta.loc[reason.isna(), "row"].head(KEPT_SAMPLES).tolist()
+    final = meta.loc[reason.notna(), ["row"]].assign(reason=reason[reason.notna()])
+    picked = final.groupby("reason", sort=True).head(SAMPLES_PER_REASON)
+    wanted = set(kept_rows) | set(picked["row"].tolist())
+    images, dropped = {}, []
+    for part in parts:
+        folder = _part_dir(cfg, part)
+        cand = pd.read_parquet(folder / "candidates.parquet", columns=["row", "jpg"])
+        images.update({int(r): j for r, j in zip(cand["row"], cand["jpg"]) if r in wanted})
+        if (folder / SAMPLES).is_file():
+            dropped.append(pd.read_parquet(folder / SAMPLES))
+    inputs = pd.concat([pd.read_parquet(cfg.work_dir / "inputs" / f"{p.name}.parquet", columns=["row", "caption"])
+                        for p in parts], ignore_index=True).set_index("row")["caption"]
+    language = meta.set_index("row")["language"]
+    out = {"kept": [(inputs[r], language[r], images[r]) for r in kept_rows], "dropped": {}}
+    early = pd.concat(dropped, ignore_index=True) if dropped else pd.DataFrame(columns=["row", "reason", "jpg"])
+    for rsn, group in early.groupby("reason", sort=True):
+        out["dropped"][rsn] = [(inputs[r], None, j) for r, j in zip(group["row"], group["jpg"])][:SAMPLES_PER_REASON]
+    for rsn, group in picked.groupby("reason", sort=True):
+        out["dropped"][rsn] = [(inputs[r], language[r], images[r]) for r in group["row"]]
     return out
 
 

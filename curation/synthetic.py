@@ -2,7 +2,7 @@
 
 Each image shows 1-3 copies of a coloured shape in one region, on a light or dark textured
 background. Its caption says the count, colour, shape and position in one of nine languages
-(en de fr es zh ja ru ar hi) with several paraphrases, so a model must learn the mapping from
+(en de fr es zh ja ru ar hi; eleven more for the language-ID benchmark) with several paraphrases, so a model must learn the mapping from
 pixels to words in every script rather than memorise strings. Generation is seeded and fast.
 """
 from __future__ import annotations
@@ -123,7 +123,131 @@ LANGS: Dict[str, dict] = {
         templates=["{p} {n}", "{bg} {p} {n}", "चित्र में {p} {n}"],
     ),
 }
-LANGUAGES = tuple(LANGS)
+LANGUAGES = tuple(LANGS)  # the demo's nine
+
+# Eleven more languages for the language-ID benchmark: close neighbours of the nine (uk~ru, pt~es,
+# it~es/fr, nl~de, sv, pl, el, tr, vi, id~ms, ko) so confusions that cost real data show up.
+LANGS.update({
+    "it": dict(
+        nouns={"circle": ["un cerchio {c}", "due cerchi {c}", "tre cerchi {c}"],
+               "square": ["un quadrato {c}", "due quadrati {c}", "tre quadrati {c}"],
+               "triangle": ["un triangolo {c}", "due triangoli {c}", "tre triangoli {c}"],
+               "star": ["una stella {c}", "due stelle {c}", "tre stelle {c}"]},
+        colors={"red": "di colore rosso", "green": "di colore verde", "blue": "di colore blu",
+                "yellow": "di colore giallo", "purple": "di colore viola", "orange": "di colore arancione"},
+        positions={"left": "a sinistra", "right": "a destra", "top": "in alto", "bottom": "in basso", "center": "al centro"},
+        backgrounds={"light": "su sfondo chiaro", "dark": "su sfondo scuro"},
+        templates=["{n} {p}", "{n} {p}, {bg}", "un'immagine con {n} {p}"],
+    ),
+    "pt": dict(
+        nouns={"circle": ["um círculo {c}", "dois círculos {c}", "três círculos {c}"],
+               "square": ["um quadrado {c}", "dois quadrados {c}", "três quadrados {c}"],
+               "triangle": ["um triângulo {c}", "dois triângulos {c}", "três triângulos {c}"],
+               "star": ["uma estrela {c}", "duas estrelas {c}", "três estrelas {c}"]},
+        colors={"red": "de cor vermelha", "green": "de cor verde", "blue": "de cor azul",
+                "yellow": "de cor amarela", "purple": "de cor roxa", "orange": "de cor laranja"},
+        positions={"left": "à esquerda", "right": "à direita", "top": "em cima", "bottom": "embaixo", "center": "no centro"},
+        backgrounds={"light": "sobre fundo claro", "dark": "sobre fundo escuro"},
+        templates=["{n} {p}", "{n} {p}, {bg}", "uma imagem com {n} {p}"],
+    ),
+    "nl": dict(
+        nouns={"circle": ["een cirkel in het {c}", "twee cirkels in het {c}", "drie cirkels in het {c}"],
+               "square": ["een vierkant in het {c}", "twee vierkanten in het {c}", "drie vierkanten in het {c}"],
+               "triangle": ["een driehoek in het {c}", "twee driehoeken in het {c}", "drie driehoeken in het {c}"],
+               "star": ["een ster in het {c}", "twee sterren in het {c}", "drie sterren in het {c}"]},
+        colors={"red": "rood", "green": "groen", "blue": "blauw", "yellow": "geel", "purple": "paars", "orange": "oranje"},
+        positions={"left": "links", "right": "rechts", "top": "bovenaan", "bottom": "onderaan", "center": "in het midden"},
+        backgrounds={"light": "op een lichte achtergrond", "dark": "op een donkere achtergrond"},
+        templates=["{n} {p}", "{n} {p} {bg}", "een afbeelding met {n} {p}"],
+    ),
+    "pl": dict(
+        nouns={"circle": ["jedno koło {c}", "dwa koła {c}", "trzy koła {c}"],
+               "square": ["jeden kwadrat {c}", "dwa kwadraty {c}", "trzy kwadraty {c}"],
+               "triangle": ["jeden trójkąt {c}", "dwa trójkąty {c}", "trzy trójkąty {c}"],
+               "star": ["jedna gwiazda {c}", "dwie gwiazdy {c}", "trzy gwiazdy {c}"]},
+        colors={"red": "w kolorze czerwonym", "green": "w kolorze zielonym", "blue": "w kolorze niebieskim",
+                "yellow": "w kolorze żółtym", "purple": "w kolorze fioletowym", "orange": "w kolorze pomarańczowym"},
+        positions={"left": "po lewej stronie", "right": "po prawej stronie", "top": "na górze", "bottom": "na dole", "center": "na środku"},
+        backgrounds={"light": "na jasnym tle", "dark": "na ciemnym tle"},
+        templates=["{n} {p}", "{n} {p} {bg}", "obraz: {n} {p}"],
+    ),
+    "tr": dict(
+        nouns={"circle": ["bir {c} daire", "iki {c} daire", "üç {c} daire"],
+               "square": ["bir {c} kare", "iki {c} kare", "üç {c} kare"],
+               "triangle": ["bir {c} üçgen", "iki {c} üçgen", "üç {c} üçgen"],
+               "star": ["bir {c} yıldız", "iki {c} yıldız", "üç {c} yıldız"]},
+        colors={"red": "kırmızı", "green": "yeşil", "blue": "mavi", "yellow": "sarı", "purple": "mor", "orange": "turuncu"},
+        positions={"left": "solda", "right": "sağda", "top": "üstte", "bottom": "altta", "center": "ortada"},
+        backgrounds={"light": "açık renkli bir arka planda", "dark": "koyu renkli bir arka planda"},
+        templates=["{p} {n}", "{bg} {p} {n}", "{p} {n} olan bir resim"],
+    ),
+    "ko": dict(
+        nouns={"circle": ["{c} 원 한 개", "{c} 원 두 개", "{c} 원 세 개"],
+               "square": ["{c} 사각형 한 개", "{c} 사각형 두 개", "{c} 사각형 세 개"],
+               "triangle": ["{c} 삼각형 한 개", "{c} 삼각형 두 개", "{c} 삼각형 세 개"],
+               "star": ["{c} 별 한 개", "{c} 별 두 개", "{c} 별 세 개"]},
+        colors={"red": "빨간", "green": "초록색", "blue": "파란", "yellow": "노란", "purple": "보라색", "orange": "주황색"},
+        positions={"left": "왼쪽에", "right": "오른쪽에", "top": "위쪽에", "bottom": "아래쪽에", "center": "가운데에"},
+        backgrounds={"light": "밝은 배경의", "dark": "어두운 배경의"},
+        templates=["{p} {n}", "{bg} 그림 {p} {n}", "이미지 {p} {n}"],
+    ),
+    "uk": dict(
+        nouns={"circle": ["одне коло {c}", "два кола {c}", "три кола {c}"],
+               "square": ["один квадрат {c}", "два квадрати {c}", "три квадрати {c}"],
+               "triangle": ["один трикутник {c}", "два трикутники {c}", "три трикутники {c}"],
+               "star": ["одна зірка {c}", "дві зірки {c}", "три зірки {c}"]},
+        colors={"red": "червоного кольору", "green": "зеленого кольору", "blue": "синього кольору",
+                "yellow": "жовтого кольору", "purple": "фіолетового кольору", "orange": "помаранчевого кольору"},
+        positions={"left": "ліворуч", "right": "праворуч", "top": "угорі", "bottom": "унизу", "center": "у центрі"},
+        backgrounds={"light": "на світлому тлі", "dark": "на темному тлі"},
+        templates=["{n} {p}", "{n} {p} {bg}", "зображення: {n} {p}"],
+    ),
+    "vi": dict(
+        nouns={"circle": ["một hình tròn {c}", "hai hình tròn {c}", "ba hình tròn {c}"],
+               "square": ["một hình vuông {c}", "hai hình vuông {c}", "ba hình vuông {c}"],
+               "triangle": ["một hình tam giác {c}", "hai hình tam giác {c}", "ba hình tam giác {c}"],
+               "star": ["một ngôi sao {c}", "hai ngôi sao {c}", "ba ngôi sao {c}"]},
+        colors={"red": "màu đỏ", "green": "màu xanh lá", "blue": "màu xanh dương", "yellow": "màu vàng",
+                "purple": "màu tím", "orange": "màu cam"},
+        positions={"left": "ở bên trái", "right": "ở bên phải", "top": "ở phía trên", "bottom": "ở phía dưới", "center": "ở giữa"},
+        backgrounds={"light": "trên nền sáng", "dark": "trên nền tối"},
+        templates=["{n} {p}", "{n} {p} {bg}", "hình ảnh có {n} {p}"],
+    ),
+    "id": dict(
+        nouns={"circle": ["sebuah lingkaran {c}", "dua lingkaran {c}", "tiga lingkaran {c}"],
+               "square": ["sebuah persegi {c}", "dua persegi {c}", "tiga persegi {c}"],
+               "triangle": ["sebuah segitiga {c}", "dua segitiga {c}", "tiga segitiga {c}"],
+               "star": ["sebuah bintang {c}", "dua bintang {c}", "tiga bintang {c}"]},
+        colors={"red": "berwarna merah", "green": "berwarna hijau", "blue": "berwarna biru",
+                "yellow": "berwarna kuning", "purple": "berwarna ungu", "orange": "berwarna oranye"},
+        positions={"left": "di sebelah kiri", "right": "di sebelah kanan", "top": "di bagian atas",
+                   "bottom": "di bagian bawah", "center": "di tengah"},
+        backgrounds={"light": "dengan latar belakang terang", "dark": "dengan latar belakang gelap"},
+        templates=["{n} {p}", "{n} {p} {bg}", "gambar dengan {n} {p}"],
+    ),
+    "sv": dict(
+        nouns={"circle": ["en cirkel i {c}", "två cirklar i {c}", "tre cirklar i {c}"],
+               "square": ["en kvadrat i {c}", "två kvadrater i {c}", "tre kvadrater i {c}"],
+               "triangle": ["en triangel i {c}", "två trianglar i {c}", "tre trianglar i {c}"],
+               "star": ["en stjärna i {c}", "två stjärnor i {c}", "tre stjärnor i {c}"]},
+        colors={"red": "rött", "green": "grönt", "blue": "blått", "yellow": "gult", "purple": "lila", "orange": "orange"},
+        positions={"left": "till vänster", "right": "till höger", "top": "upptill", "bottom": "nedtill", "center": "i mitten"},
+        backgrounds={"light": "på ljus bakgrund", "dark": "på mörk bakgrund"},
+        templates=["{n} {p}", "{n} {p} {bg}", "en bild med {n} {p}"],
+    ),
+    "el": dict(
+        nouns={"circle": ["ένας κύκλος {c}", "δύο κύκλοι {c}", "τρεις κύκλοι {c}"],
+               "square": ["ένα τετράγωνο {c}", "δύο τετράγωνα {c}", "τρία τετράγωνα {c}"],
+               "triangle": ["ένα τρίγωνο {c}", "δύο τρίγωνα {c}", "τρία τρίγωνα {c}"],
+               "star": ["ένα αστέρι {c}", "δύο αστέρια {c}", "τρία αστέρια {c}"]},
+        colors={"red": "σε κόκκινο χρώμα", "green": "σε πράσινο χρώμα", "blue": "σε μπλε χρώμα",
+                "yellow": "σε κίτρινο χρώμα", "purple": "σε μωβ χρώμα", "orange": "σε πορτοκαλί χρώμα"},
+        positions={"left": "αριστερά", "right": "δεξιά", "top": "πάνω", "bottom": "κάτω", "center": "στο κέντρο"},
+        backgrounds={"light": "σε ανοιχτόχρωμο φόντο", "dark": "σε σκούρο φόντο"},
+        templates=["{n} {p}", "{n} {p} {bg}", "εικόνα με {n} {p}"],
+    ),
+})
+ALL_LANGUAGES = tuple(LANGS)  # the nine and the eleven: 20
 
 
 @dataclass(frozen=True)
@@ -153,6 +277,25 @@ def caption(scene: Scene, lang: str, variant: int) -> str:
     noun = L["nouns"][scene.shape][scene.count - 1].format(c=L["colors"][scene.color])
     template = L["templates"][variant % len(L["templates"])]
     return template.format(n=noun, p=L["positions"][scene.position], bg=L["backgrounds"][scene.background])
+
+
+def short_caption(scene: Scene, lang: str) -> str:
+    """The scene's noun phrase alone ("три квадрата синего цвета"): the short captions language ID finds hardest."""
+    L = LANGS[lang]
+    return L["nouns"][scene.shape][scene.count - 1].format(c=L["colors"][scene.color])
+
+
+def language_id_set(per_language: int, seed: int = 0,
+                    languages: Sequence[str] = ALL_LANGUAGES) -> Iterator[Tuple[str, str, str]]:
+    """(language, length kind, caption) for the language-ID benchmark: per language half full captions, half short."""
+    rng = random.Random(seed)
+    for lang in languages:
+        for k in range(per_language):
+            scene = random_scene(rng)
+            if k % 2:
+                yield lang, "short", short_caption(scene, lang)
+            else:
+                yield lang, "full", caption(scene, lang, rng.randrange(3))
 
 
 def random_scene(rng: random.Random) -> Scene:

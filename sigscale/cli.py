@@ -189,6 +189,13 @@ def _bench_curation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_langid(args: argparse.Namespace) -> int:
+    from sigscale.curation.langid_bench import render_langid_markdown, run_langid_bench
+
+    print(render_langid_markdown(run_langid_bench(args.out or "bench_results/langid.json")))
+    return 0
+
+
 # `sigscale bench WHAT`: one function per benchmark.
 BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "loss": _bench_loss,
@@ -198,6 +205,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "gpu": _bench_gpu,
     "bound": _bench_bound,
     "curation": _bench_curation,
+    "langid": _bench_langid,
 }
 
 

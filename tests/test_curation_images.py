@@ -206,9 +206,9 @@ def test_score_thresholds_and_top_fraction_at_merge(tmp_path):
     cfg = CurationConfig()
     cfg.image.phash_threshold = -1
     cfg.image.score = ScoreConfig(model="m", min_score=0.25)
-    assert _final_drops(meta, cfg).notna().sum() == 2  # 0.1 and 0.2
+    assert _final_drops(meta, cfg)[0].notna().sum() == 2  # 0.1 and 0.2
     cfg.image.score = ScoreConfig(model="m", top_fraction=0.3)
-    reason = _final_drops(meta, cfg)
+    reason, _ = _final_drops(meta, cfg)
     assert meta["row"][reason.isna()].tolist() == [2, 5, 7] and set(reason.dropna()) == {"low_score"}
 
 

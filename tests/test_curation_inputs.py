@@ -87,7 +87,7 @@ def test_bad_url_lists_fail_naming_file_and_column(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("text.min_confidance=0.3", "unknown config key 'text.min_confidance' in default + overrides; did you mean 'text.min_confidence'?"),
     ("download.timeout=soon", "wrong type for config key 'download.timeout'"),
-    ("balance.mode=uniform", "balance.mode='uniform' is not one of ['none', 'cap', 'temperature']"),
+    ("balance.mode=uniform", "balance.mode='uniform' is not one of ['none', 'cap', 'temperature', 'metadata']"),
     ("download.resize_mode=stretch", "download.resize_mode='stretch' is not one of"),
     ("text.languages=[en,xx]", "unknown language code(s) ['xx']"),
     ("text.language_thresholds.de=1.5", "text.language_thresholds.de=1.5 must be a probability in [0, 1]"),

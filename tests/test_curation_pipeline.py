@@ -1,9 +1,11 @@
 """Curation end to end: real img2dataset downloads from a loopback server, parts, resume, accounting, shards."""
+import base64
 import io
 import json
 import re
 import signal
 import tarfile
+from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
@@ -126,6 +128,57 @@ def test_shards_manifest_captions_and_report(curated):
     assert stats["short_side_histogram"]["1024-2047"] == 1 and stats["timing"]["images_per_second"] > 0
 
 
+class Page(HTMLParser):
+    """report.html read back: section titles, images per section, every URL-valued attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.h2, self.h3, self.images, self.urls, self._in, self._section = [], [], {}, [], None, ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.urls += [v for k, v in attrs.items() if k in ("src", "href", "srcset", "action", "data")]
+        if tag in ("h2", "h3"):
+            self._in = tag
+        if tag == "img":
+            self.images.setdefault(self._section, []).append(attrs["src"])
+
+    def handle_data(self, data):
+        if self._in:
+            self._section = data.strip()
+            getattr(self, self._in).append(self._section)
+            self._in = None
+
+
+HTML_SECTIONS = ["Funnel", "Drops by reason", "Languages", "Drops by reason and language",
+                 "Language ID: declared vs detected", "Downloaded images by shorter original side (px)",
+                 "Kept samples", "Dropped samples by reason", "Throughput", "Thresholds and settings"]
+
+
+def test_html_report_is_self_contained_with_funnel_samples_and_settings(curated):
+    out = curated["out"]
+    stats = json.loads((out / "stats.json").read_text())
+    page = Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert page.h2 == HTML_SECTIONS
+    assert page.urls and all(u.startswith("data:image/jpeg;base64,") for u in page.urls)  # nothing to fetch
+    for src in page.urls:
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True))) as img:
+            img.load()
+            assert max(img.size) <= 128
+    assert len(page.images["Kept samples"]) == min(24, stats["kept"])
+    dropped = {h.split(":")[0]: n for h in page.h3 for n in [len(page.images.get(h, []))]}
+    # An image exists for merge-time and image-stage drops; text and HTTP drops have none.
+    assert dropped == {r: min(8, stats["dropped"][r]) for r in ("eval_duplicate", "image_aspect", "image_too_small",
+                                                                "near_duplicate") if r in stats["dropped"]}
+    funnel = stats["funnel"]
+    assert funnel[0] == ["input rows", stats["input_rows"]] and funnel[-1] == ["balance (kept)", stats["kept"]]
+    assert all(a[1] >= b[1] for a, b in zip(funnel, funnel[1:]))
+    by_language = stats["dropped_by_language"]
+    assert {r: sum(c.values()) for r, c in by_language.items()} == stats["dropped"]
+    assert stats["config"]["text.declared_prior"] == 0.5 and stats["config"]["image.phash_threshold"] == 8
+
+
 def test_finished_parts_are_skipped_and_the_merge_is_deterministic(curated, monkeypatch):
     assert curated["part0_untouched"]
     assert curated["sigint_kept"]  # img2dataset's exit-0 Ctrl-C handler does not outlive the download
@@ -159,6 +212,29 @@ def test_finalize_only_settings_rebalance_without_downloading(curated, monkeypat
         assert stats["dropped"]["balance"] > 0
         assert stats["kept"] + sum(stats["dropped"].values()) == stats["input_rows"]
         assert max(stats["languages_after"].values()) <= 0.12 * stats["kept"] + 1e-9
+    finally:
+        finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+
+
+def test_metadata_balance_runs_in_finalize_and_accounts_for_every_row(curated, monkeypatch):
+    monkeypatch.setattr("sigscale.curation.download.download", lambda *a, **k: pytest.fail("downloaded"))
+    d = curated["dir"]
+    baseline = json.loads((curated["out"] / "stats.json").read_text())
+    (d / "en.txt").write_text("circle\nsquare\ntriangle\nstar\n", encoding="utf-8")
+    (d / "de.txt").write_text("Kreis\nQuadrat\nDreieck\nStern\n", encoding="utf-8")  # casefolded: "Kreise" matches
+    cfg = load_curation_config("demo", overrides(d, ["balance.mode=metadata", f"balance.metadata.en={d / 'en.txt'}",
+                                                     f"balance.metadata.de={d / 'de.txt'}", "balance.threshold=2"]))
+    try:
+        finalize(cfg)
+        stats = json.loads((d / "out" / "stats.json").read_text())
+        before = baseline["languages_after"]
+        assert stats["dropped"]["metadata_unmatched"] == sum(n for lang, n in before.items() if lang not in ("en", "de"))
+        assert stats["kept"] + sum(stats["dropped"].values()) == stats["input_rows"]
+        assert set(stats["languages_after"]) <= {"en", "de"}
+        table = stats["metadata_balance"]
+        assert {lang: table[lang]["captions_matched"] for lang in ("en", "de")} == {"en": before["en"], "de": before["de"]}
+        assert table["en"]["kept"] + table["de"]["kept"] == stats["kept"]
+        assert stats["dropped"]["balance"] == before["en"] + before["de"] - stats["kept"] > 0
     finally:
         finalize(curated["cfg"])  # leave the module's output as the other tests expect it
 

@@ -75,8 +75,9 @@ def test_allow_list_drops_foreign_captions_and_thresholds_apply_per_language():
     assert caught >= 0.99, caught
     assert (kept["language"] == declared[kept["row"]].to_numpy()).mean() >= 0.99
     assert len(kept) + len(drops) == len(df)
+    # The model's own confidence against the threshold: no declared-language prior, no length scaling.
     strict = TextConfig(languages=["de", "fr", "es", "ja"], language_thresholds={"de": 0.99999999},
-                        resolve_hosts=False)
+                        declared_prior=0.0, confidence_chars=0, resolve_hosts=False)
     kept2, drops2 = filter_text(df[reason.isna()], strict)
     assert "de" not in set(kept2["language"])
     assert (drops2["reason"] == "language_low_confidence").sum() >= 0.9 * (declared == "de").sum()
