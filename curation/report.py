@@ -175,7 +175,7 @@ def _language_sections(stats: dict) -> List[str]:
 
 def write_html(stats: dict, out_dir: Path, samples: Optional[dict] = None, name: str = "curation") -> Path:
     """Write report.html: funnel, drops, languages, sample images (embedded), thresholds, throughput."""
-    n, t = stats["input_rows"], stats["timing"]
+    n = stats["input_rows"]
     funnel = stats.get("funnel", [])
     parts = [f"<h1>Curation report: {html.escape(name)}</h1>",
              f"<p>{n} input rows → <b>{stats['kept']} kept</b> ({100 * stats['kept'] / max(n, 1):.1f}%) in "
