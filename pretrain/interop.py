@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sigscale.core.config import config_hash
+from sigscale.core.config import config_hash, from_yaml, to_yaml
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint, list_checkpoints
@@ -342,15 +342,41 @@ def import_hf(hf_dir: PathLike) -> SiglipModel:
 
 # ----------------------------------------------------------------------------- open_clip
 
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # the file name open_clip looks for in a model folder
+_MODEL_KEY = "sigscale_model"  # our ModelConfig as YAML, beside the weights, so loading needs no --model
+
+
 def export_open_clip(model: SiglipModel, path: PathLike) -> Path:
-    """Write an open_clip ``CustomTextCLIP`` state dict (timm trunk, 0-dim logit scale/bias) as safetensors."""
+    """Write an open_clip ``CustomTextCLIP`` state dict (timm trunk, 0-dim logit scale/bias) with our model config.
+
+    ``path``: a ``.safetensors`` file (config in its metadata), a ``.pt``/``.bin`` file (torch.save of
+    ``{"state_dict": ..., "sigscale_model": ...}``, the layout open_clip's loader unwraps), or a folder
+    (``open_clip_model.safetensors`` inside it).
+    """
     state = {}
     for k, v in _cpu_state(model).items():
         state[_to_open_clip_key(k)] = v.reshape(()) if k in ("logit_scale", "logit_bias") else v
     path = Path(path)
+    if path.suffix not in (".safetensors", ".pt", ".bin"):
+        path = path / OPEN_CLIP_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(state, path)
+    config = to_yaml(model.cfg)
+    if path.suffix == ".safetensors":
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path),
+                  metadata={"format": "pt", _MODEL_KEY: config})
+    else:
+        torch.save({"state_dict": state, _MODEL_KEY: config}, path)
     return path
+
+
+def _open_clip_config(path: Path) -> Optional[ModelConfig]:
+    """The model config an export stored beside open_clip weights, or None (foreign weights)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(_MODEL_KEY)
+    else:
+        text = _read_state_dict(path).get(_MODEL_KEY)
+    return from_yaml(ModelConfig, text, source=str(path)) if isinstance(text, str) else None
 
 
 def _read_state_dict(path: Path) -> StateDict:
@@ -358,7 +384,11 @@ def _read_state_dict(path: Path) -> StateDict:
         raise ValueError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors of every kind: a file that is not a torch checkpoint
+        raise ValueError(f"{path} is not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "give .pt/.bin files written by torch.save, or .safetensors files") from e
 
 
 def import_open_clip(path_or_state_dict: Union[PathLike, Mapping[str, torch.Tensor]],
@@ -431,6 +461,8 @@ def resolve_checkpoint(path: PathLike) -> CheckpointSource:
         return CheckpointSource(p, "hf", p, step=None, config_hash=_hash_text((p / "config.json").read_text()))
     if p.is_dir() and p.name.startswith("step_"):
         return _dcp_source(p)
+    if p.is_dir() and (p / OPEN_CLIP_WEIGHTS).is_file() and not (p / _HF_WEIGHTS).is_file():
+        return CheckpointSource(p, "open_clip", p / OPEN_CLIP_WEIGHTS)
     if p.is_dir() and p.name == RunDir.CHECKPOINTS and latest_checkpoint(p) is not None:
         return _dcp_source(latest_checkpoint(p))
     if p.is_dir() and not (p / _HF_WEIGHTS).is_file():
@@ -524,7 +556,8 @@ def load_model(path: PathLike, model_config: Union[str, ModelConfig, None] = Non
 
 
 def _load_open_clip(src: CheckpointSource, model_config: Union[str, ModelConfig, None]) -> SiglipModel:
-    """open_clip weights with the given tower shapes; the text vocabulary is read from the weights."""
+    """open_clip weights with the given (or stored) tower shapes; the text vocabulary is read from the weights."""
+    model_config = model_config or _open_clip_config(src.weights)
     if model_config is None:
         raise CheckpointLoadError(
             f"{src.weights} carries no sigscale config: for open_clip weights pass the model config "

@@ -79,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sigscale.core.rundir import RunDir
     from sigscale.pretrain import interop
 
-    model = interop.load_model(args.checkpoint)
+    model = interop.load_model(args.checkpoint, args.model or None)
     if args.format == "hf":
         run = RunDir.of(args.checkpoint)
         tokenizer = args.tokenizer or (str(run.tokenizer) if run and run.tokenizer.is_file() else None)
@@ -249,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-canonicalize", action="store_true")
 
     e = add("export", cmd_export, "export a checkpoint to a Hugging Face SiglipModel dir or an open_clip state dict")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--out", required=True)
+    e.add_argument("--checkpoint", required=True, help="a run dir, step checkpoint, HF dir or open_clip weights")
+    e.add_argument("--out", required=True, help="HF: a folder; open_clip: a .safetensors/.pt file or a folder")
     e.add_argument("--format", choices=["hf", "open_clip"], default="hf")
     e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export (default: the run's own)")
+    e.add_argument("--model", help="model config of foreign open_clip weights: a preset or an experiment YAML "
+                                   "(sigscale's own exports carry it)")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
     b.add_argument("what", choices=sorted(BENCHES))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from eval_fixtures import parse_html, tokenizer_model, write_eval_shards, write_imagenet_val, write_xm3600
 from sigscale.cli import main
@@ -107,7 +108,9 @@ def test_cli_errors_name_input_and_fix(data, tmp_path, capsys):
                    "--xm3600-root", str(data["xm"]), "--out", str(tmp_path / "r")])
     assert "checkpoint" in missing and "nope does not exist" in missing
 
-    oc = export_open_clip(load_model(data["run"]), tmp_path / "oc.safetensors")
+    # Foreign open_clip weights (no sigscale config beside them) need the model config.
+    oc = tmp_path / "oc.safetensors"
+    save_file(load_file(str(export_open_clip(load_model(data["run"]), tmp_path / "ours.safetensors"))), str(oc))
     base_oc = ["eval", "--checkpoint", str(oc), "--benchmarks", "xm3600", "--xm3600-root", str(data["xm"]),
                "--out", str(tmp_path / "r")]
     assert "for open_clip weights pass the model config (--model PRESET" in err(base_oc)

@@ -186,3 +186,31 @@ def test_import_open_clip_errors_name_keys_and_fix(tmp_path):
         import_open_clip(tmp_path / "missing.pt", ERF)
     with pytest.raises(ValueError, match=r"tokenizer model .* does not exist"):
         export_hf(create_model(TINY), tmp_path / "hf", tokenizer_model=tmp_path / "none.model")
+
+
+@pytest.mark.parametrize("target", ["oc.pt", "oc.safetensors", "ocdir"])
+def test_open_clip_export_round_trips_through_open_clip_and_back_without_a_model_flag(tmp_path, target):
+    """Every output form loads with open_clip's own load_checkpoint, and back into sigscale with no --model."""
+    import open_clip
+
+    from sigscale.pretrain.interop import OPEN_CLIP_WEIGHTS, load_model
+
+    model = perturb(create_model(ERF), seed=4)
+    path = export_open_clip(model, tmp_path / target)
+    assert path == (tmp_path / target / OPEN_CLIP_WEIGHTS if target == "ocdir" else tmp_path / target)
+    oc = open_clip_tiny().eval()
+    open_clip.load_checkpoint(oc, str(path), strict=True)  # the library's loader, not a hand-made state dict
+    pixels, ids = inputs(ERF, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(oc.encode_image(pixels), model.encode_image(pixels, normalize=False), atol=1e-5, rtol=0)
+    back = load_model(tmp_path / target)  # the stored config replaces --model
+    assert_same_state(back, model)
+
+
+def test_a_pt_file_that_is_not_a_torch_checkpoint_is_one_clear_error(tmp_path):
+    from sigscale.pretrain.interop import CheckpointLoadError, load_model
+
+    bogus = tmp_path / "oc.pt"
+    bogus.write_bytes(b"not a pickle at all")
+    with pytest.raises(CheckpointLoadError, match=r"oc.pt is not a torch checkpoint .*written by torch.save"):
+        load_model(bogus, "tiny")
