@@ -40,6 +40,7 @@ class RunLog:
         self.cfg, self.is_main = cfg, is_main
         self.flops_per_sample, self.peak = flops_per_sample, peak_total_tflops
         self.last_done, self.t_last = start_step, time.perf_counter()
+        self.start_step, self.t_start = start_step, self.t_last
         self.metrics = self.tb = self.bar = None
         if not is_main:
             return
@@ -77,10 +78,17 @@ class RunLog:
                 if isinstance(value, float) and key != "time":
                     self.tb.add_scalar(f"train/{key}", value, step)
             self.print(f"step {step:>6}/{self.cfg.steps}  loss {record['loss']:.4f}  t {record['t']:.2f}  "
-                       f"b {record['b']:.2f}  lr {record['lr']:.2e}  {images_per_s:.0f} img/s")
+                       f"b {record['b']:.2f}  lr {record['lr']:.2e}  {images_per_s:.0f} img/s  "
+                       f"eta {self._eta(step + 1, now)}")
         if self.bar:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{values['loss']:.3f}")
+
+    def _eta(self, done: int, now: float) -> str:
+        """Time left at the mean step time since this process started (resume included)."""
+        per_step = (now - self.t_start) / max(1, done - self.start_step)
+        left = int(per_step * (self.cfg.steps - done))
+        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def eval(self, done: int, results: Dict[str, Any], headline: Dict[str, float]) -> None:
         """One periodic evaluation: full results to eval.jsonl, headline numbers to TensorBoard and the terminal."""

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from sigscale.core.config import ConfigError, config_hash, to_yaml
 from sigscale.core.distributed import DistInfo, any_rank, init_distributed, raise_on_any_rank
 from sigscale.core.errors import SigscaleError
+from sigscale.core.manifest import load_manifest
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.checkpoint import Checkpointer, latest_checkpoint
 from sigscale.pretrain.config import (ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes,
@@ -38,7 +39,7 @@ from sigscale.pretrain.optim import build_optimizer, build_schedule, tower_of
 from sigscale.pretrain.sharding import (backward, compute_precision, deepspeed_engine, full_state_dict, gradient_sync,
                                        optimizer_step, parallelize, uses_deepspeed)
 from sigscale.pretrain.tokenizer import Tokenizer, train_tokenizer
-from sigscale.pretrain.towers import SiglipModel, create_model, tower_flops_per_sample
+from sigscale.pretrain.towers import SiglipModel, count_params, create_model, tower_flops_per_sample
 
 
 class NonFiniteLossError(SigscaleError, RuntimeError):
@@ -314,6 +315,17 @@ def _next_micro_batches(data, position: DataPosition, skipped: Counter, accum: i
     return batches
 
 
+def _start_summary(cfg: ExperimentConfig, info: DistInfo, run: RunDir, start: int) -> str:
+    """One line that says what this run is before its first step."""
+    params = count_params(create_model(cfg.model, device="meta"))
+    t, samples = cfg.train, load_manifest(Path(cfg.data.shards)).num_samples
+    micro = t.batch_size // (info.world_size * t.accum_steps)
+    where = f"resuming at step {start}" if start else "from step 0"
+    return (f"train {cfg.name}: {params / 1e6:.1f}M params, batch {t.batch_size} = {micro} x {t.accum_steps} accum x "
+            f"{info.world_size} rank(s) ({t.strategy if info.world_size > 1 else 'single process'}, {t.precision}, "
+            f"{t.loss} loss), {t.steps} steps {where}, data {samples} samples, run dir {run.root}")
+
+
 def _save_final_weights(model: torch.nn.Module, cfg: ExperimentConfig, run: RunDir, info: DistInfo) -> Optional[Path]:
     """Full (unsharded) weights with the config in their metadata; every rank takes part in the gather."""
     state = full_state_dict(model)
@@ -321,6 +333,7 @@ def _save_final_weights(model: torch.nn.Module, cfg: ExperimentConfig, run: RunD
         return None
     save_file({k: v.contiguous() for k, v in state.items()}, str(run.weights),
               metadata={"config_hash": config_hash(cfg), "config": to_yaml(cfg)})
+    run.weights.chmod(0o644)  # shared like the rest of the run dir (safetensors writes 0600)
     return run.weights
 
 
@@ -369,6 +382,7 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
     peak = peak_tflops(cfg.train, info.device)
     log = RunLog(run, cfg.train, start, info.is_main, sum(tower_flops_per_sample(cfg.model).values()),
                  peak * info.world_size if peak else None)
+    log.print(_start_summary(cfg, info, run, start))
     periodic_eval = PeriodicEval(evaluator, cfg.eval.every_steps, cfg.train.steps)
     nonfinite = NonFinitePolicy(cfg.train.max_nonfinite_steps)
     result, skipped, data = TrainResult(run.root), Counter(), iter(loader)

@@ -359,3 +359,12 @@ def test_single_process_computes_in_the_precision_asked_for(tmp_path, data, prec
     result = train(cfg, hooks=[watch])
     assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
     assert all(math.isfinite(l) for l in result.losses)
+
+
+def test_a_run_says_what_it_is_and_how_long_it_has_left(tmp_path, data, capsys):
+    result = train(load_config("tiny", overrides(data, tmp_path / "run", 2, 2, ["train.strategy=single"])))
+    out = capsys.readouterr().out
+    assert "train tiny: 0.3M params, batch 32 = 32 x 1 accum x 1 rank(s) (single process, fp32, sigmoid loss), " \
+           "2 steps from step 0, data 512 samples" in out
+    assert "step      1/2  loss" in out and " eta 0:00:00" in out
+    assert oct(result.final_weights.stat().st_mode & 0o777) == "0o644"
