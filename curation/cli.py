@@ -28,7 +28,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("curate", cmd_curate, "curate URL lists into webdataset shards + manifest, stats and report "
-            "(e.g. --config curation/default input.path=urls.parquet output.dir=curated)", config=True)
+            "(e.g. --config curation/default input.path=urls.parquet output.dir=curated)", config=True,
+            what="curation YAML", example="text.min_confidence=0.3")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="only split the URL list into parts")
     mode.add_argument("--part", type=int, help="run only this part (one Slurm array task); skips it when done")

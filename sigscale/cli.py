@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from sigscale import __version__
+
 STAGE_PACKAGES = ("curation", "eval", "slurm", "pretrain")
 
 
@@ -72,6 +74,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
                            character_coverage=args.character_coverage, canonicalize_text=not args.no_canonicalize)
     tok = Tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size})")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: {tok.vocab_size} pieces, not the {args.vocab_size} asked for: the corpus has no more distinct "
+              "pieces worth keeping; a larger corpus gives a larger vocabulary", file=sys.stderr)
     return 0
 
 
@@ -222,14 +227,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sigscale", description=__doc__)
+    p.add_argument("--version", action="version", version=f"sigscale {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
 
-    def add(name: str, fn: Callable, help: str, config: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable, help: str, config: bool = False, what: str = "experiment YAML",
+            example: str = "train.batch_size=32768") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         if config:
-            sp.add_argument("--config", required=True, help="experiment YAML (path, or a name in configs/)")
-            sp.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.batch_size=32768")
+            sp.add_argument("--config", required=True, help=f"{what} (path, or a name in configs/)")
+            sp.add_argument("overrides", nargs="*", help=f"dot-list overrides, e.g. {example}")
         return sp
 
     add("config", cmd_config, "print the fully resolved experiment config", config=True)
@@ -243,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = add("tokenizer", cmd_tokenizer, "train a SentencePiece tokenizer on a caption corpus")
     t.add_argument("--corpus", required=True, help="text file, one caption per line")
     t.add_argument("--out", required=True, help="path of the .model to write")
-    t.add_argument("--vocab-size", type=int, default=32000)
-    t.add_argument("--character-coverage", type=float, default=0.9995)
-    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    t.add_argument("--vocab-size", type=int, default=32000,
+                   help="pieces wanted (default 32000); a small corpus may give fewer, and the command says so")
+    t.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters covered by pieces, the rest by byte fallback (default 0.9995)")
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="SentencePiece algorithm")
     t.add_argument("--no-canonicalize", action="store_true")
 
     e = add("export", cmd_export, "export a checkpoint to a Hugging Face SiglipModel dir or an open_clip state dict")
@@ -276,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
 
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
-    d.add_argument("--out", default="demo_out")
+    d.add_argument("--out", default="demo_out", help="folder for everything the demo writes (default demo_out)")
     d.add_argument("--quick", action="store_true", help="fewer samples and steps (the test's shortened demo)")
     d.add_argument("--nproc", type=int, default=2, help="training processes (FSDP2 ranks)")
     d.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid",

@@ -77,3 +77,14 @@ def test_each_train_gets_a_new_run_dir_and_resume_names_one(tmp_path, monkeypatc
     capsys.readouterr()
     assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
     assert "--resume" in capsys.readouterr().err.split("nowhere")[0]
+
+
+def test_version_help_texts_and_a_smaller_vocabulary_is_said(tmp_path, capsys):
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("sigscale ")
+    assert "text.min_confidence=0.3" in run_cli("curate", "--help").stdout  # a curation key, not a training one
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["a red square", "a blue circle", "ein rotes Quadrat"] * 30) + "\n")
+    assert main(["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "32000"]) == 0
+    captured = capsys.readouterr()
+    assert "not the 32000 asked for" in captured.err and "wrote" in captured.out
