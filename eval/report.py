@@ -122,7 +122,7 @@ def _i2t_vs_t2i(per_lang: Dict[str, Dict], title: str) -> bytes:
 
 def _curves(records: Sequence[Dict], curve: List[Tuple[int, float]]) -> bytes:
     """Headline metrics over training steps and, on a second axis, the training loss."""
-    fig, ax = _figure()
+    fig, ax = _figure(9.0)
     by_step = {r["step"]: r for r in records if r.get("step") is not None}  # final weights repeat the last step
     stepped = [by_step[s] for s in sorted(by_step)]
     for metric in headline(stepped[-1]) if stepped else []:
@@ -134,8 +134,8 @@ def _curves(records: Sequence[Dict], curve: List[Tuple[int, float]]) -> bytes:
         ax2.plot([s for s, _ in curve], [l for _, l in curve], color="black", lw=0.8, alpha=0.6, label="train loss")
         ax2.set_ylabel("training loss")
         ax2.legend(loc="upper center", fontsize=7)
-    if stepped:
-        ax.legend(fontsize=7, loc="upper left")
+    if stepped:  # beside the axes: inside, the legend covered the loss curve's steep start
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0))
     ax.set_title("metrics over training")
     return _png(fig)
 
