@@ -152,13 +152,17 @@ def evaluate_checkpoints(job: EvalJobConfig, rank: int = 0, world: int = 1,
     """Evaluate every checkpoint of ``job``; rank 0 gets one record per checkpoint, the others []."""
     validate_job(job)
     records = []
-    for ckpt in expand_checkpoints(job.checkpoints):
+    checkpoints = expand_checkpoints(job.checkpoints)
+    for i, ckpt in enumerate(checkpoints, 1):
         loaded = load_for_eval(ckpt, job.tokenizer, job.model)
         model = loaded.model.to(device) if device else loaded.model
+        if rank == 0:  # long evaluations say where they are
+            print(f"eval [{i}/{len(checkpoints)}] {ckpt}: {', '.join(job.eval.benchmarks)}", flush=True)
         t0 = time.perf_counter()
         metrics = evaluate(model, loaded.tokenizer, job.eval, rank, world)
         if rank == 0:
             records.append({**loaded.info, "benchmarks": metrics, "processes": world,
                             "seconds": round(time.perf_counter() - t0, 2)})
+            print(f"eval [{i}/{len(checkpoints)}] done in {records[-1]['seconds']:.0f} s", flush=True)
     return records
 
