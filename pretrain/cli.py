@@ -25,7 +25,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("plan", cmd_plan, "per-GPU memory per sharding strategy, largest micro-batch and accumulation steps",
             config=True)
-    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpus-per-node", "--gpus", dest="gpus", type=int, required=True,
+                   help="GPUs per node (as `sigscale submit --gpus-per-node`)")
     p.add_argument("--gpu-mem", required=True, help="memory of one GPU, e.g. 80GB (GB = GiB, as GPU specs mean)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (world size = gpus x nodes)")
     p.add_argument("--reserve", type=float, default=0.10,

@@ -212,10 +212,12 @@ class Plan:
 
 
 def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '141G', '24000MiB' or a plain byte count → bytes (GB means GiB, as GPU specs do)."""
+    """'80GB', '80GiB', '141G', '24000MiB' → bytes (GB means GiB, as GPU specs do); a unit is required."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise PlanError(f"--gpu-mem {text!r} is not a size; write it like 80GB, 141GiB or 24000MiB")
+    if not m.group(2) and not m.group(3):  # '80' would be 80 bytes: surely meant as GB
+        raise PlanError(f"--gpu-mem {text!r} has no unit; write {text}GB for a GPU of {text} GB")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
     value = int(float(m.group(1)) * scale)
     if value <= 0:

@@ -155,6 +155,8 @@ def test_impossible_requests_fail_with_the_fix():
         check_fits(plan(load_config("so400m14_msiglip_32k", ["train.strategy=ddp"]), 8, parse_bytes("16GB")))
     with pytest.raises(PlanError, match="'80XB' is not a size; write it like 80GB"):
         parse_bytes("80XB")
+    with pytest.raises(PlanError, match=r"--gpu-mem '80' has no unit; write 80GB"):
+        parse_bytes("80")
     with pytest.raises(PlanError, match="unknown strategy 'zero4'"):
         plan(cfg, 8, parse_bytes("80GB"), strategies=("zero4",))
     with pytest.raises(ConfigError, match="unknown model.preset 'so800m'"):
