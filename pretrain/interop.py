@@ -293,8 +293,16 @@ def import_hf(hf_dir: PathLike) -> SiglipModel:
             "SiglipModel checkpoints can be imported"
         )
     from transformers import SiglipConfig
+    from transformers.utils import logging as hf_logging
 
-    hf_cfg = SiglipConfig.from_dict(raw)  # fills the defaults that hub configs leave out
+    # from_dict builds a default SiglipTextConfig on the way, whose own CLIP-era bos/eos ids (49406/49407)
+    # fail transformers' validation: two warnings about a config that is not the one being loaded.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_cfg = SiglipConfig.from_dict(raw)  # fills the defaults that hub configs leave out
+    finally:
+        hf_logging.set_verbosity(level)
     hv, ht = hf_cfg.vision_config, hf_cfg.text_config
     if not hv.vision_use_head or hv.num_channels != 3:
         raise ValueError(f"{cfg_path}: needs vision_use_head=true and num_channels=3 (our image tower pools with a MAP head on RGB)")
