@@ -162,3 +162,15 @@ def test_hf_export_loads_with_automodel_autoprocessor_and_the_zero_shot_pipeline
     theirs = {r["label"]: r["score"] for r in got}
     # transformers' default image processor rounds its bicubic resize differently by one 8-bit level at most.
     torch.testing.assert_close(torch.tensor([theirs[l] for l in labels]), probs.float(), rtol=2e-2, atol=0)
+
+
+def test_export_and_load_of_an_hf_dir_print_no_transformers_warnings(tmp_path, capfd):
+    import logging
+
+    from sigscale.pretrain.interop import export_hf, import_hf
+    from sigscale.pretrain.towers import create_model
+
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: let earlier tests not hide it
+    out = export_hf(create_model("tiny"), tmp_path / "hf", tokenizer_model=tokenizer_model(tmp_path / "tok.model"))
+    import_hf(out)
+    assert "bos_token_id" not in capfd.readouterr().err
