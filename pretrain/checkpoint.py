@@ -2,9 +2,12 @@
 
 Layout of ``<run>/checkpoints``::
 
-    step_00000100/          a complete checkpoint: DCP shards + .metadata, rank_<r>.pt, COMPLETE
-    step_00000200.tmp/      one being written (or cut short by a kill): never read
+    step_00000100/          a complete checkpoint: DCP shards + .metadata, rank_<r>.pt, COMPLETE (step, world size)
+    step_00000200.tmp/      one being written (or cut short by a kill): never read, removed by the next run
     latest                  name of the newest complete checkpoint
+
+A complete checkpoint damaged afterwards (a truncated or deleted file) is found before loading and
+skipped with a warning for the previous complete one.
 
 Model and optimizer go through DCP, so a checkpoint written by W ranks loads on any other world
 size (DCP reshards). What is private to a rank (data position, RNG) goes to ``rank_<r>.pt``.
@@ -13,7 +16,12 @@ reload on the same world size (DeepSpeed's ``ds_to_universal`` converts them for
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import threading
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,10 +33,21 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sigscale.core.config import ConfigError
+from sigscale.core.errors import SigscaleError
 from sigscale.pretrain.sharding import is_deepspeed
 
 COMPLETE = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"
+DCP_METADATA = ".metadata"
+# Test seam: "<phase>@<step>" (phase "written": all files in step_X.tmp, not yet published;
+# "published": renamed and pointed to) holds rank 0 there until it is killed, after writing PAUSED
+# into the checkpoint dir, so that a test can kill -9 at exactly that instant.
+PAUSE_ENV = "SIGSCALE_PAUSE_CHECKPOINT"
+PAUSED = "paused"
+
+
+class CheckpointError(SigscaleError):
+    """No loadable checkpoint is left to resume from."""
 
 
 def _barrier() -> None:
@@ -50,8 +69,100 @@ def list_checkpoints(ckpt_dir: Path) -> List[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (damaged or not: see :func:`checkpoint_damage`)."""
     done = list_checkpoints(ckpt_dir)
     return done[-1] if done else None
+
+
+def _marker(path: Path) -> Dict[str, Any]:
+    """What COMPLETE records: {"step", "world_size"}; checkpoints from before held the step only."""
+    text = (path / COMPLETE).read_text().strip()
+    marker = json.loads(text) if text.startswith("{") else {"step": int(text) if text else None}
+    return marker
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint holds (from its COMPLETE marker, else from its name)."""
+    step = _marker(Path(path)).get("step")
+    return int(step) if step is not None else int(Path(path).name.split("_")[-1])
+
+
+def _saved_world_size(path: Path) -> Optional[int]:
+    return _marker(path).get("world_size")
+
+
+def _dcp_damage(path: Path) -> Optional[str]:
+    if not (path / DCP_METADATA).is_file():
+        return f"{DCP_METADATA} is missing"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f"{DCP_METADATA} unreadable: {type(e).__name__}"
+    needed: Dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else None
+        if have is None or have < size:
+            return f"{name} is {'missing' if have is None else f'{have} of {size} bytes'}"
+    return None
+
+
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """What makes the complete checkpoint ``path`` unloadable (a file missing or cut short), or None if intact.
+
+    Checked from sizes and archive directories only, so it costs no load and every rank sees the same.
+    """
+    path = Path(path)
+    world = _saved_world_size(path)
+    ranks = [path / f"rank_{r}.pt" for r in range(world)] if world else sorted(path.glob("rank_*.pt"))
+    if not ranks:
+        return "no rank_<r>.pt file"
+    files = ranks + (sorted((path / DEEPSPEED_TAG).rglob("*.pt")) if (path / DEEPSPEED_TAG).is_dir() else [])
+    for f in files:  # torch.save writes zip archives: a cut one has lost its central directory
+        if not f.is_file() or not zipfile.is_zipfile(f):
+            return f"{f.relative_to(path)} is {'missing' if not f.is_file() else 'truncated'}"
+    return None if (path / DEEPSPEED_TAG).is_dir() else _dcp_damage(path)
+
+
+def newest_loadable(ckpt_dir: Path, warn: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint that is not damaged, warning about each damaged newer one it passes.
+
+    Raises :class:`CheckpointError` when there are complete checkpoints but every one is damaged.
+    """
+    damaged = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        problem = checkpoint_damage(path)
+        if problem is None:
+            for bad, why in damaged if warn else []:
+                warnings.warn(f"checkpoint {bad} is damaged ({why}); resuming from the previous complete one, {path}")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        newest, problem = damaged[0]
+        raise CheckpointError(
+            f"every complete checkpoint in {ckpt_dir} is damaged, the newest {newest} ({problem}); restore its "
+            f"files, or delete {ckpt_dir} to train from the start")
+    return None
+
+
+def discard_partial(ckpt_dir: Path) -> List[Path]:
+    """Remove what killed writers left (``step_X.tmp`` dirs, ``latest.tmp``); only while no run writes here."""
+    ckpt_dir = Path(ckpt_dir)
+    leftovers = sorted(ckpt_dir.glob("step_*.tmp")) + sorted(ckpt_dir.glob("latest.tmp"))
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return leftovers
+
+
+def _pause_for_test(ckpt_dir: Path, phase: str, step: int) -> None:
+    if os.environ.get(PAUSE_ENV) != f"{phase}@{step}":
+        return
+    (ckpt_dir / PAUSED).write_text(f"{phase}@{step}")
+    threading.Event().wait()  # until killed
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -75,7 +186,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
     torch.save({"shared": shared, "private": private}, tmp / f"rank_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        (tmp / COMPLETE).write_text(str(step))
+        _pause_for_test(ckpt_dir, "written", step)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": world}))
         if final.exists():  # re-saving the same step (e.g. after a requeue): replace it
             shutil.rmtree(final)
         tmp.rename(final)
@@ -84,6 +197,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
         pointer.replace(ckpt_dir / "latest")
         for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        _pause_for_test(ckpt_dir, "published", step)
     _barrier()
     return final
 
@@ -96,7 +210,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker); pick another or start fresh")
-    saved_world = len(list(path.glob("rank_*.pt")))
+    saved_world = _saved_world_size(path) or len(list(path.glob("rank_*.pt")))
     world = dist.get_world_size() if dist.is_initialized() else 1
     written_by_deepspeed = (path / DEEPSPEED_TAG).is_dir()
     if written_by_deepspeed != is_deepspeed(model):
@@ -142,8 +256,8 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def restore(self) -> Optional[Restored]:
-        """Load the newest complete checkpoint in place (RNG included when the world size is unchanged)."""
-        path = latest_checkpoint(self.dir)
+        """Load the newest intact complete checkpoint in place (RNG included when the world size is unchanged)."""
+        path = newest_loadable(self.dir, warn=_rank() == 0)
         if path is None:
             return None
         state = load_checkpoint(path, self.model, self.optimizer)

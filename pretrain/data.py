@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sigscale.core.config import ConfigError
+from sigscale.core.distributed import die_with_parent
 from sigscale.core.errors import SigscaleError
 from sigscale.core.manifest import ManifestError, load_manifest, shard_urls
 from sigscale.pretrain.config import ExperimentConfig, check_world_size
@@ -260,7 +261,8 @@ def make_loader(shards: str | Path, tokenizer: Tokenizer, image_size: int, batch
     position = position or DataPosition.start(num_workers)
     dataset = ShardStream(shard_urls(Path(shards)), tokenizer, image_size, batch_size, rank, world_size,
                           num_workers, seed, shuffle_buffer, position.batches, position.raw)
-    return StreamLoader(dataset, batch_size=None, num_workers=num_workers,
+    # die_with_parent: a worker goes the instant its rank dies (torch's own check polls every 5 s).
+    return StreamLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=die_with_parent,
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
 
 

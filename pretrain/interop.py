@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from sigscale.core.config import config_hash, from_yaml, to_yaml
 from sigscale.core.errors import SigscaleError
 from sigscale.core.rundir import RunDir
-from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, latest_checkpoint, list_checkpoints
+from sigscale.pretrain.checkpoint import COMPLETE, DEEPSPEED_TAG, checkpoint_step, latest_checkpoint, list_checkpoints
 from sigscale.pretrain.config import ExperimentConfig, ModelConfig, TextConfig, VisionConfig, config_from_yaml
 from sigscale.pretrain.data import RESAMPLE
 from sigscale.pretrain.towers import SiglipModel, create_model, resolve_model_config
@@ -456,8 +456,7 @@ def _dcp_source(step_dir: Path) -> CheckpointSource:
                                   f"<run>/{RunDir.CONFIG}): a training checkpoint is read with its run's config; "
                                   "keep the step directory inside <run>/checkpoints/")
     cfg = config_from_yaml(run.config.read_text(), source=str(run.config))
-    step = int((step_dir / COMPLETE).read_text().strip() or step_dir.name.split("_")[-1])
-    return CheckpointSource(step_dir, "dcp", step_dir, cfg, step, config_hash(cfg))
+    return CheckpointSource(step_dir, "dcp", step_dir, cfg, checkpoint_step(step_dir), config_hash(cfg))
 
 
 def resolve_checkpoint(path: PathLike) -> CheckpointSource:

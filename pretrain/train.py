@@ -13,9 +13,10 @@ import filecmp
 import shutil
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ from sigscale.core.distributed import DistInfo, any_rank, init_distributed, rais
 from sigscale.core.errors import SigscaleError
 from sigscale.core.manifest import load_manifest
 from sigscale.core.rundir import RunDir
-from sigscale.pretrain.checkpoint import Checkpointer, latest_checkpoint
+from sigscale.core.runlock import RunBusyError, RunLock
+from sigscale.pretrain.checkpoint import Checkpointer, discard_partial, latest_checkpoint
 from sigscale.pretrain.config import (ExperimentConfig, TrainConfig, check_world_size, config_from_yaml, resume_changes,
                                        with_run_dir)
 from sigscale.pretrain.data import DataPosition, check_input, make_loader
@@ -255,6 +257,8 @@ def check_resume(run: RunDir, cfg: ExperimentConfig) -> None:
 def _resume(ckpt: Checkpointer, cfg: ExperimentConfig, info: DistInfo, resume: bool) -> Tuple[int, DataPosition, int]:
     """(start step, data position, data seed) from the newest checkpoint, or a fresh start."""
     position, data_seed = DataPosition.start(cfg.data.num_workers), cfg.data.seed + cfg.train.seed
+    if info.is_main:  # what a killed writer left; safe, this run holds the run dir's lock
+        discard_partial(ckpt.dir)
     restored = ckpt.restore() if resume else None
     if restored is None:
         return 0, position, data_seed
@@ -348,6 +352,22 @@ def build_engine(cfg: ExperimentConfig, info: DistInfo, vocab_size: int
     return model, opt, sched
 
 
+@contextmanager
+def training_lock(run: RunDir, info: DistInfo) -> Iterator[None]:
+    """Hold ``run``'s lock (rank 0) while the body trains; every rank raises alike when a live run holds it."""
+    lock, busy = RunLock(run), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except RunBusyError as e:
+            busy = e
+    try:
+        raise_on_any_rank(busy)
+        yield
+    finally:
+        lock.release()
+
+
 def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool = True,
           should_stop: Optional[Callable[[], bool]] = None, evaluator: Optional[Evaluator] = None,
           hooks: Sequence[StepHook] = ()) -> TrainResult:
@@ -367,6 +387,13 @@ def train(cfg: ExperimentConfig, info: Optional[DistInfo] = None, resume: bool =
         raise ConfigError("train.out_dir is empty on several ranks: each would name its own new run dir; set it "
                           "(`sigscale train` and `sigscale submit` do) before the ranks start")
     cfg = with_run_dir(cfg)
+    with training_lock(RunDir(cfg.train.out_dir), info):
+        return _train_locked(cfg, info, micro, resume, should_stop, evaluator, hooks)
+
+
+def _train_locked(cfg: ExperimentConfig, info: DistInfo, micro: int, resume: bool,
+                  should_stop: Optional[Callable[[], bool]], evaluator: Optional[Evaluator],
+                  hooks: Sequence[StepHook]) -> TrainResult:
     run = RunDir(cfg.train.out_dir)
     tokenizer = prepare_tokenizer(cfg, run, info, resume)
     cfg = built_config(cfg, tokenizer)

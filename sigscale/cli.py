@@ -5,7 +5,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -43,19 +42,24 @@ def _run_dir_overrides(args: argparse.Namespace) -> List[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sigscale.core.distributed import launched_by_torchrun, torchrun_command
+    from sigscale.core.distributed import die_with_launcher, launch_ranks, launched_by_torchrun, torchrun_command
 
     if not launched_by_torchrun():
         args.overrides = [*args.overrides, *_run_dir_overrides(args)]
         args.resume = None
         print(f"run dir: {args.overrides[-1].split('=', 1)[1]}", flush=True)
     if args.nproc > 1 and not launched_by_torchrun():
+        from sigscale.core.rundir import RunDir
+        from sigscale.core.runlock import RunLock
         from sigscale.pretrain.data import check_input
 
-        check_input(_config(args), args.nproc)  # what the ranks would refuse, refused before starting them
+        cfg = _config(args)
+        check_input(cfg, args.nproc)  # what the ranks would refuse, refused before starting them
+        RunLock(RunDir(cfg.train.out_dir)).check_free()  # and a run dir another live run trains
         # Re-launch this command under torchrun: one process per rank, env-based rendezvous.
         train_args = ["train", "--config", args.config, *args.overrides] + (["--no-resume"] if args.no_resume else [])
-        return subprocess.call(torchrun_command(args.nproc, "sigscale.cli", train_args))
+        return launch_ranks(torchrun_command(args.nproc, "sigscale.cli", train_args))
+    die_with_launcher()
     from sigscale.eval.run import BenchmarkEvaluator
     from sigscale.pretrain.train import train
 

@@ -4,7 +4,10 @@ Nothing here knows about models: how a model is sharded is ``sigscale.pretrain.s
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,6 +63,62 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str] = ()) -> List[
     """
     return [sys.executable, "-m", "sigscale.core.torchrun", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *args]
+
+
+# Set by the launching command for everything it starts (torchrun's agent, ranks, data workers):
+# its pid, which they check so that none outlives it.
+LAUNCHER_PID_ENV = "SIGSCALE_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(*_: object) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); a no-op elsewhere.
+
+    Takes and ignores any arguments, so it also serves as a DataLoader ``worker_init_fn``.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def die_with_launcher() -> None:
+    """In a rank started by :func:`launch_ranks`: die when torchrun's agent dies, which dies with the launcher.
+
+    torchrun starts each rank in a session of its own, so a kill of the launcher's process group
+    misses them; without this they would train on as orphans beside a restarted run.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is None:
+        return
+    die_with_parent()
+    # The parent may have died before the line above took effect: then the signal never comes.
+    if os.getppid() == 1 or not _alive(int(launcher)):
+        os._exit(1)
+
+
+def launch_ranks(command: Sequence[str]) -> int:
+    """Run a torchrun ``command`` (see :func:`torchrun_command`) so that it and its ranks die with this process.
+
+    The agent gets PR_SET_PDEATHSIG towards this process and each rank towards the agent
+    (:func:`die_with_launcher`): a SIGKILL of this process alone ends the whole tree.
+    """
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child between fork and exec; the flag survives exec
+        die_with_parent()
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return subprocess.call(list(command), env=dict(os.environ, **{LAUNCHER_PID_ENV: str(parent)}), preexec_fn=arm)
 
 
 def collective_device() -> torch.device:

@@ -9,6 +9,7 @@
     <run>/eval.jsonl           one line per periodic evaluation
     <run>/tensorboard/         the same scalars for TensorBoard
     <run>/model.safetensors    final full weights, the config in their metadata
+    <run>/train.lock           locked (flock) by the live training of this run: one at a time
 
 A run dir is self-contained: evaluation, export and resume find everything through it, from any
 working directory and any node.
@@ -33,6 +34,7 @@ class RunDir:
     EVALS = "eval.jsonl"
     TENSORBOARD = "tensorboard"
     WEIGHTS = "model.safetensors"
+    LOCK = "train.lock"
 
     def __init__(self, root: PathLike) -> None:
         self.root = Path(root).absolute()
@@ -67,6 +69,10 @@ class RunDir:
     @property
     def weights(self) -> Path:
         return self.root / self.WEIGHTS
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
 
     def exists(self) -> bool:
         return self.config.is_file()
