@@ -5,7 +5,6 @@ Importing this module stays cheap (no torch): the work is imported inside the co
 from __future__ import annotations
 
 import argparse
-import subprocess
 from typing import Callable
 
 # flag -> field of EvalJobConfig ("eval." = its BenchmarkConfig); flags override the YAML.
@@ -36,7 +35,7 @@ def _job(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sigscale.core.distributed import launched_by_torchrun, torchrun_command
+    from sigscale.core.distributed import die_with_launcher, launch_ranks, launched_by_torchrun, torchrun_command
     from sigscale.eval.config import validate_job
 
     job = _job(args)
@@ -50,8 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(job.out).mkdir(parents=True, exist_ok=True)
         resolved = Path(job.out) / "eval_job.yaml"
         resolved.write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
-        return subprocess.call(torchrun_command(args.nproc, "sigscale.cli",
-                                                ["eval", "--config", str(resolved), "--title", args.title]))
+        return launch_ranks(torchrun_command(args.nproc, "sigscale.cli",
+                                             ["eval", "--config", str(resolved), "--title", args.title]))
+    die_with_launcher()
     from dataclasses import asdict
 
     import torch.distributed as dist
