@@ -74,21 +74,24 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def _marker(path: Path) -> Dict[str, Any]:
-    """What COMPLETE records: {"step", "world_size"}; checkpoints from before held the step only."""
+def _marker(path: Path) -> Optional[Dict[str, Any]]:
+    """What COMPLETE records, {"step", "world_size"} (older checkpoints: the step alone); None if unreadable."""
     text = (path / COMPLETE).read_text().strip()
-    marker = json.loads(text) if text.startswith("{") else {"step": int(text) if text else None}
-    return marker
+    try:
+        marker = json.loads(text) if text.startswith("{") else {"step": int(text)}
+    except ValueError:
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def checkpoint_step(path: Path) -> int:
     """The step a complete checkpoint holds (from its COMPLETE marker, else from its name)."""
-    step = _marker(Path(path)).get("step")
+    step = (_marker(Path(path)) or {}).get("step")
     return int(step) if step is not None else int(Path(path).name.split("_")[-1])
 
 
 def _saved_world_size(path: Path) -> Optional[int]:
-    return _marker(path).get("world_size")
+    return (_marker(path) or {}).get("world_size")
 
 
 def _dcp_damage(path: Path) -> Optional[str]:
@@ -114,6 +117,8 @@ def checkpoint_damage(path: Path) -> Optional[str]:
     Checked from sizes and archive directories only, so it costs no load and every rank sees the same.
     """
     path = Path(path)
+    if _marker(path) is None:
+        return f"{COMPLETE} is unreadable"
     world = _saved_world_size(path)
     ranks = [path / f"rank_{r}.pt" for r in range(world)] if world else sorted(path.glob("rank_*.pt"))
     if not ranks:

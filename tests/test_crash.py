@@ -18,6 +18,7 @@ from typing import Callable, List
 import pytest
 
 from sigscale.core.rundir import RunDir
+from sigscale.core.runlock import RunBusyError, RunLock
 from sigscale.pretrain.checkpoint import (PAUSE_ENV, PAUSED, CheckpointError, checkpoint_damage, latest_checkpoint,
                                           list_checkpoints, newest_loadable)
 from sigscale.pretrain.config import load_config
@@ -173,7 +174,8 @@ def truncate(path: Path) -> None:
     (lambda step: (step / ".metadata").unlink(), r"\.metadata is missing"),
     (lambda step: truncate(step / "rank_0.pt"), r"rank_0\.pt is truncated"),
     (lambda step: (step / "rank_0.pt").unlink(), r"rank_0\.pt is missing"),
-], ids=["truncated-shard", "deleted-metadata", "truncated-rank-file", "deleted-rank-file"])
+    (lambda step: (step / "COMPLETE").write_text('{"step": 8, "wor'), r"COMPLETE is unreadable"),
+], ids=["truncated-shard", "deleted-metadata", "truncated-rank-file", "deleted-rank-file", "cut-marker"])
 def test_damaged_checkpoint_is_found_and_named(tmp_path, checkpointed, damage, named):
     """Each kind of damage is seen before loading and named; with none intact left, the error says what to do."""
     ckpts = copy_run(checkpointed, tmp_path / "run") / RunDir.CHECKPOINTS
@@ -221,3 +223,22 @@ def test_cli_stops_with_one_line_when_every_checkpoint_is_damaged(tmp_path, data
     line = out.stderr.strip().splitlines()[-1]
     assert out.stderr.strip() == line, out.stderr  # one line, no traceback, no warnings before it
     assert f"the newest {ckpts / 'step_00000008'} (rank_0.pt is truncated)" in line and f"delete {ckpts}" in line
+
+
+def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
+    """A held lock refuses a second holder by name; a holder killed with SIGKILL leaves no stale lock."""
+    run = RunDir(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sigscale.core.rundir import RunDir; "
+                               "from sigscale.core.runlock import RunLock; lock = RunLock(RunDir(sys.argv[1])).acquire(); "
+                               "print('held', flush=True); time.sleep(600)", str(run.root)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(RunBusyError, match=f"{re.escape(str(run.root))} is being trained by process {holder.pid} "
+                                           f".*kill {holder.pid}.*another train.out_dir"):
+        RunLock(run).check_free()
+    holder.kill()
+    assert holder.wait() == -signal.SIGKILL
+    with RunLock(run):  # the kernel dropped the dead holder's lock
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()} "):
+            RunLock(run).acquire()  # exclusive within one process too: each RunLock opens its own file
+    RunLock(run).check_free()

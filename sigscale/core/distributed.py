@@ -65,8 +65,8 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str] = ()) -> List[
             "-m", module, *args]
 
 
-# Set by the launching command for everything it starts (torchrun's agent, ranks, data workers):
-# its pid, which they check so that none outlives it.
+# The launching command's pid, in the environment of everything it starts: a rank checks that the
+# launcher still lives once its own death signal is armed, and the run lock names it as the holder.
 LAUNCHER_PID_ENV = "SIGSCALE_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
