@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,13 +71,25 @@ LAUNCHER_PID_ENV = "SIGSCALE_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+def _death_signal_setter() -> Callable[[], None]:
+    """A function that arms PR_SET_PDEATHSIG = SIGKILL for the calling process (a no-op off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+# Resolved at import, before any fork: a forked child (a DataLoader worker, the child of
+# launch_ranks before exec) should not dlopen, another thread may have held the loader's lock.
+_arm_death_signal = _death_signal_setter()
+
+
 def die_with_parent(*_: object) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux); a no-op elsewhere.
 
     Takes and ignores any arguments, so it also serves as a DataLoader ``worker_init_fn``.
     """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    _arm_death_signal()
 
 
 def _alive(pid: int) -> bool:
@@ -114,7 +126,7 @@ def launch_ranks(command: Sequence[str]) -> int:
     parent = os.getpid()
 
     def arm() -> None:  # runs in the child between fork and exec; the flag survives exec
-        die_with_parent()
+        _arm_death_signal()
         if os.getppid() != parent:
             os._exit(1)
 
