@@ -149,14 +149,23 @@ def test_kill_9_anywhere_then_resume_equals_uninterrupted(tmp_path, data, nproc)
     assert metric_losses(run) == metric_losses(tmp_path / "ref")  # exact, and metric_losses checks each step once
 
 
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory, data):
-    """A single-process run of 8 steps with complete checkpoints at steps 4, 6 and 8."""
-    run = tmp_path_factory.mktemp("ckpt") / "run"
-    train(load_config("tiny", overrides(data, run, 8, 2, ["train.keep_last=3"])))
+def short_run(data, run: Path):
+    """10 planned steps with a checkpoint every 2, kept 3."""
+    return load_config("tiny", overrides(data, run, 10, 2, ["train.keep_last=3"]))
+
+
+def stopped_at_step_8(data, run: Path) -> Path:
+    """A single-process run of 10 steps stopped after 8 (as a preemption stops it): checkpoints 4, 6 and 8."""
+    done = []
+    assert train(short_run(data, run), should_stop=lambda: len(done) == 8, hooks=[done.append]).stopped_early
     assert [p.name for p in list_checkpoints(run / RunDir.CHECKPOINTS)] == ["step_00000004", "step_00000006",
                                                                           "step_00000008"]
     return run
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, data):
+    return stopped_at_step_8(data, tmp_path_factory.mktemp("ckpt") / "run")
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -193,10 +202,10 @@ def test_damaged_checkpoint_is_found_and_named(tmp_path, checkpointed, damage, n
         newest_loadable(ckpts)
 
 
-def test_truncated_newest_checkpoint_resumes_from_the_previous_and_cleans_leftovers(tmp_path, data, checkpointed):
+def test_truncated_newest_checkpoint_resumes_from_the_previous_and_cleans_leftovers(tmp_path, data):
     """A cut shard of step 8 sends the resume to step 6 with a warning; the redone steps 6-7 have exactly
     the first run's losses, each step is logged once, and what killed writers left is removed."""
-    run = copy_run(checkpointed, tmp_path / "run")
+    run = stopped_at_step_8(data, tmp_path / "run")
     first = metric_losses(run)
     ckpts = run / RunDir.CHECKPOINTS
     truncate(next((ckpts / "step_00000008").glob("*.distcp")))
@@ -204,21 +213,21 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_and_cleans_leftov
     (ckpts / "step_00000009.tmp" / "__0_0.distcp").write_bytes(b"half")
     (ckpts / "latest.tmp").write_text("step_00000009")
     with pytest.warns(UserWarning, match="step_00000008 is damaged .*previous complete one, .*step_00000006"):
-        train(load_config("tiny", overrides(data, run, 10, 2, ["train.keep_last=3"])))
+        train(short_run(data, run))
     again = metric_losses(run)
     assert len(again) == 10 and again[6:8] == first[6:8]
     assert ckpt_names(run) == ["latest", "step_00000006", "step_00000008", "step_00000010"]
 
 
-def test_cli_stops_with_one_line_when_every_checkpoint_is_damaged(tmp_path, data, checkpointed):
+def test_cli_stops_with_one_line_when_every_checkpoint_is_damaged(tmp_path, data):
     """No intact checkpoint left: `sigscale train` exits 2 with one line naming the broken file and the fix."""
-    run = copy_run(checkpointed, tmp_path / "run")
+    run = stopped_at_step_8(data, tmp_path / "run")
     ckpts = run / RunDir.CHECKPOINTS
     for step in list_checkpoints(ckpts):
         truncate(step / "rank_0.pt")
     out = subprocess.run([sys.executable, "-m", "sigscale.cli", "train", "--config", "tiny",
-                          *overrides(data, run, 10, 2)], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          *overrides(data, run, 10, 2, ["train.keep_last=3"])],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 2, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
     assert out.stderr.strip() == line, out.stderr  # one line, no traceback, no warnings before it
