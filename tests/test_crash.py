@@ -197,8 +197,9 @@ def test_damaged_checkpoint_is_found_and_named(tmp_path, checkpointed, damage, n
         assert newest_loadable(ckpts) == steps[-2]
     for older in steps[:-1]:
         shutil.rmtree(older)
+    newest = re.escape(str(steps[-1]))
     with pytest.raises(CheckpointError, match=f"every complete checkpoint in {re.escape(str(ckpts))} is damaged, "
-                             f"the newest {re.escape(str(steps[-1]))} \\({named}\\).*delete .* to train from the start"):
+                                              f"the newest {newest} \\({named}\\).*delete .* to train from the start"):
         newest_loadable(ckpts)
 
 
@@ -237,9 +238,9 @@ def test_cli_stops_with_one_line_when_every_checkpoint_is_damaged(tmp_path, data
 def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     """A held lock refuses a second holder by name; a holder killed with SIGKILL leaves no stale lock."""
     run = RunDir(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sigscale.core.rundir import RunDir; "
-                               "from sigscale.core.runlock import RunLock; lock = RunLock(RunDir(sys.argv[1])).acquire(); "
-                               "print('held', flush=True); time.sleep(600)", str(run.root)],
+    hold = ("import sys, time; from sigscale.core.rundir import RunDir; from sigscale.core.runlock import RunLock; "
+            "lock = RunLock(RunDir(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run.root)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(RunBusyError, match=f"{re.escape(str(run.root))} is being trained by process {holder.pid} "
