@@ -295,9 +295,10 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"train.lr_mult.{tower}={getattr(t.lr_mult, tower)} must be >= 0 (use train.freeze to fix a tower)")
 
 
-# Keys a resumed run may change freely: how often it logs, checkpoints and evaluates, not what it learns.
+# Keys a resumed run may change freely: how often it logs, checkpoints and evaluates, and where the run
+# dir and its tokenizer copy live (a run dir moves between file systems and nodes), not what it learns.
 FREE_ON_RESUME = ("train.log_every", "train.ckpt_every", "train.keep_last", "train.max_nonfinite_steps",
-                  "train.peak_tflops", "train.allow_changes", "eval.")
+                  "train.peak_tflops", "train.allow_changes", "eval.", "train.out_dir", "tokenizer.model")
 
 
 def _flat(node: object, prefix: str = "") -> dict:

@@ -347,3 +347,12 @@ def test_a_run_says_what_it_is_and_how_long_it_has_left(tmp_path, data, capsys):
            "2 steps from step 0, data 512 samples" in out
     assert "step      1/2  loss" in out and " eta 0:00:00" in out
     assert oct(result.final_weights.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_moved_run_dir_resumes_where_it_was_left(tmp_path, data):
+    import shutil
+
+    train(load_config("tiny", overrides(data, tmp_path / "a", 2, 2)))
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    moved = train(load_config("tiny", overrides(data, tmp_path / "b", 4, 2, ["train.allow_changes=[train.steps]"])))
+    assert len(moved.losses) == 2 and latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000004"
