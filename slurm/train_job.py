@@ -30,6 +30,72 @@ from typing import Any, Callable, Dict, Optional
 
 from submitit.helpers import Checkpointable, TorchDistributedEnvironment
 
+from sigscale.core.errors import SigscaleError
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # a rank waits this long for its peers in any collective, then fails
+
+
+class PeerLostError(SigscaleError, RuntimeError):
+    """A collective failed because other ranks stopped answering; names them, their nodes and the fix."""
+
+
+class Heartbeat:
+    """Each rank bumps a counter in the job's rendezvous store every ``interval_s`` seconds.
+
+    When a collective fails (a peer's node died: no FIN, no RST, only the collective timeout), the ranks
+    whose counters stopped moving are the lost ones, and each rank's host name is in the store too. A
+    store that no longer answers means rank 0's node (the store's host) is the one lost.
+    """
+
+    def __init__(self, rank: int, world: int, interval_s: float = 1.0) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self.rank, self.world, self.interval_s = rank, world, interval_s
+        self.master = os.environ["MASTER_ADDR"]
+        # A second client of the store init_process_group created (rank 0 serves it at MASTER_PORT).
+        self.store = dist.TCPStore(self.master, int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                   timeout=timedelta(seconds=max(5.0, 5 * interval_s)))
+        self.store.set(f"sigscale/host/{rank}", socket.gethostname())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.store.add(f"sigscale/beat/{self.rank}", 1)
+            except Exception:  # the store's node is gone: lost_peers says so
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def lost_peers(self) -> Dict[int, str]:
+        """{rank: host} of the peers that stopped beating (watched over a few intervals)."""
+        try:
+            before = [self.store.add(f"sigscale/beat/{r}", 0) for r in range(self.world)]
+            time.sleep(3 * self.interval_s)
+            after = [self.store.add(f"sigscale/beat/{r}", 0) for r in range(self.world)]
+            return {r: self.store.get(f"sigscale/host/{r}").decode() for r in range(self.world)
+                    if r != self.rank and after[r] == before[r]}
+        except Exception:  # noqa: BLE001  (any store failure means the same: its host is unreachable)
+            return {0: self.master}
+
+    def error(self, cause: BaseException, timeout_s: int, checkpoints: Any) -> PeerLostError:
+        """The error a surviving rank raises: who was lost, where, and how to go on."""
+        from sigscale.pretrain.checkpoint import latest_checkpoint
+
+        lost = self.lost_peers()
+        who = ", ".join(f"rank {r} on node {host}" for r, host in sorted(lost.items())) or "no rank (all still beat)"
+        newest = latest_checkpoint(checkpoints)
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        return PeerLostError(
+            f"lost {who}: a collective on rank {self.rank} (node {socket.gethostname()}) failed within the "
+            f"{timeout_s} s collective timeout ({type(cause).__name__}: {first}); check that node, then resubmit "
+            f"the same config to resume from {newest.name if newest else 'the start (no checkpoint yet)'}")
+
 
 class StopSignals:
     """While entered, SIGTERM and ``user_signal`` only record themselves; ``train`` polls ``is_set``."""
@@ -78,15 +144,16 @@ class StopSignals:
 class TrainJob(Checkpointable):
     """``train(cfg)`` on one task of a submitit job; checkpoints on SIGTERM/USR2 and is requeued."""
 
-    def __init__(self, config_yaml: str) -> None:
+    def __init__(self, config_yaml: str, collective_timeout_s: int = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
         # The resolved config travels as YAML: the job reruns exactly what was submitted.
         self.config_yaml = config_yaml
+        self.collective_timeout_s = collective_timeout_s
 
     def __call__(self) -> Dict[str, Any]:
         import submitit
         import torch.distributed as dist
 
-        from sigscale.core.distributed import any_rank
+        from sigscale.core.distributed import any_rank, init_distributed
         from sigscale.core.rundir import RunDir
         from sigscale.eval.run import BenchmarkEvaluator
         from sigscale.pretrain.checkpoint import latest_checkpoint
@@ -103,8 +170,19 @@ class TrainJob(Checkpointable):
         evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
         user_signal = env._usr_sig()
         requeue: Callable = signal.getsignal(user_signal)  # submitit's checkpoint-and-requeue handler
-        with StopSignals(user_signal, env.global_rank) as stop:
-            result = train(cfg, should_stop=stop.is_set, evaluator=evaluator)
+        info = init_distributed(timeout_s=self.collective_timeout_s)
+        heartbeat = Heartbeat(info.rank, info.world_size) if info.world_size > 1 else None
+        try:
+            with StopSignals(user_signal, env.global_rank) as stop:
+                result = train(cfg, info=info, should_stop=stop.is_set, evaluator=evaluator)
+        except Exception as e:
+            if heartbeat is None or isinstance(e, SigscaleError):
+                raise
+            # A failed collective: say which peer was lost instead of gloo's/NCCL's bare timeout.
+            raise heartbeat.error(e, self.collective_timeout_s, RunDir(cfg.train.out_dir).checkpoints) from e
+        finally:
+            if heartbeat is not None:
+                heartbeat.close()
         if not result.stopped_early:
             return {"run_dir": str(result.run_dir), "final_weights": str(result.final_weights or ""),
                     "steps": cfg.train.steps, "rank": env.global_rank}
