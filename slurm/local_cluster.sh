@@ -209,7 +209,8 @@ netns_of() { echo "sigscale-$1"; }
 
 net_up() {  # the bridge (controller's address) and one namespace per node, each with a veth on the bridge
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-    ip addr show dev "$BRIDGE" | grep -q "inet $CTLD_ADDR/" || ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    # Not `ip ... | grep -q`: grep exits at the first match, and under pipefail ip's SIGPIPE fails the test.
+    [[ "$(ip -4 addr show dev "$BRIDGE")" == *"inet $CTLD_ADDR/"* ]] || ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     local i node ns veth
     for i in "${!NODES[@]}"; do
@@ -240,6 +241,7 @@ net_down() {
         fi
         rm -rf "/etc/netns/$ns"
     done
+    rmdir /etc/netns 2>/dev/null || true  # only when no other namespace keeps files there
     ! ip link show "$BRIDGE" >/dev/null 2>&1 || ip link del "$BRIDGE"
 }
 

@@ -12,6 +12,10 @@ every step boundary; the ranks agree, write a checkpoint and return ``stopped_ea
   point: on rank 0 it dumps this callable as the requeued job's pickle, calls ``scontrol requeue``
   (the local executor: exit code 144) and exits.
 
+A node that dies: every rank waits at most ``collective_timeout_s`` in a collective (the process group's
+timeout), and multi-rank jobs run a ``Heartbeat``; the surviving rank whose collective failed raises
+``PeerLostError`` naming the lost rank(s), their node and the checkpoint a resubmission resumes from.
+
 submitit's handler is never run inside the signal itself: that would checkpoint in the middle of a
 step, maybe inside a collective. The requeued job runs the same config: ``train`` resumes from the
 newest checkpoint in the same run dir, so metrics.jsonl holds every step exactly once.
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Dict, Optional
 
@@ -83,12 +88,11 @@ class Heartbeat:
         except Exception:  # noqa: BLE001  (any store failure means the same: its host is unreachable)
             return {0: self.master}
 
-    def error(self, cause: BaseException, timeout_s: int, checkpoints: Any) -> PeerLostError:
+    def error(self, lost: Dict[int, str], cause: BaseException, timeout_s: int, checkpoints: Path) -> PeerLostError:
         """The error a surviving rank raises: who was lost, where, and how to go on."""
         from sigscale.pretrain.checkpoint import latest_checkpoint
 
-        lost = self.lost_peers()
-        who = ", ".join(f"rank {r} on node {host}" for r, host in sorted(lost.items())) or "no rank (all still beat)"
+        who = ", ".join(f"rank {r} on node {host}" for r, host in sorted(lost.items()))
         newest = latest_checkpoint(checkpoints)
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         return PeerLostError(
@@ -151,14 +155,9 @@ class TrainJob(Checkpointable):
 
     def __call__(self) -> Dict[str, Any]:
         import submitit
-        import torch.distributed as dist
 
-        from sigscale.core.distributed import any_rank, init_distributed
-        from sigscale.core.rundir import RunDir
-        from sigscale.eval.run import BenchmarkEvaluator
-        from sigscale.pretrain.checkpoint import latest_checkpoint
+        from sigscale.core.distributed import init_distributed
         from sigscale.pretrain.config import config_from_yaml
-        from sigscale.pretrain.train import train
 
         env = submitit.JobEnvironment()
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the Slurm (or local) task environment;
@@ -167,25 +166,47 @@ class TrainJob(Checkpointable):
         print(f"rank {env.global_rank} of {env.num_tasks} on node {socket.gethostname()} "
               f"(master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
         cfg = config_from_yaml(self.config_yaml, source="submitted config")
-        evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
         user_signal = env._usr_sig()
         requeue: Callable = signal.getsignal(user_signal)  # submitit's checkpoint-and-requeue handler
         info = init_distributed(timeout_s=self.collective_timeout_s)
-        heartbeat = Heartbeat(info.rank, info.world_size) if info.world_size > 1 else None
-        try:
-            with StopSignals(user_signal, env.global_rank) as stop:
-                result = train(cfg, info=info, should_stop=stop.is_set, evaluator=evaluator)
-        except Exception as e:
-            if heartbeat is None or isinstance(e, SigscaleError):
-                raise
-            # A failed collective: say which peer was lost instead of gloo's/NCCL's bare timeout.
-            raise heartbeat.error(e, self.collective_timeout_s, RunDir(cfg.train.out_dir).checkpoints) from e
-        finally:
-            if heartbeat is not None:
-                heartbeat.close()
+        with StopSignals(user_signal, env.global_rank) as stop:
+            result = self._train(cfg, info, stop)
         if not result.stopped_early:
             return {"run_dir": str(result.run_dir), "final_weights": str(result.final_weights or ""),
                     "steps": cfg.train.steps, "rank": env.global_rank}
+        self._after_stop(env, stop, result.run_dir, requeue, user_signal)
+        return {}  # not reached: _after_stop exits
+
+    def _train(self, cfg: Any, info: Any, stop: StopSignals) -> Any:
+        """``train`` with a heartbeat on multi-rank jobs: a lost peer fails naming its rank and node."""
+        from sigscale.core.rundir import RunDir
+        from sigscale.eval.run import BenchmarkEvaluator
+        from sigscale.pretrain.train import train
+
+        evaluator = BenchmarkEvaluator(cfg.eval) if cfg.eval.benchmarks else None
+        heartbeat = Heartbeat(info.rank, info.world_size) if info.world_size > 1 else None
+        try:
+            return train(cfg, info=info, should_stop=stop.is_set, evaluator=evaluator)
+        except Exception as e:
+            if heartbeat is None or isinstance(e, SigscaleError):
+                raise
+            lost = heartbeat.lost_peers()
+            if not lost:  # every peer still beats: not a lost node, the original error says more
+                raise
+            raise heartbeat.error(lost, e, self.collective_timeout_s, RunDir(cfg.train.out_dir).checkpoints) from e
+        finally:
+            if heartbeat is not None:
+                heartbeat.close()
+
+    @staticmethod
+    def _after_stop(env: Any, stop: StopSignals, run_dir: Path, requeue: Callable, user_signal: int) -> None:
+        """After the stop checkpoint: requeue (USR2, or a preemption's SIGTERM) or end (other SIGTERMs); exits."""
+        import torch.distributed as dist
+
+        from sigscale.core.distributed import any_rank
+        from sigscale.core.rundir import RunDir
+        from sigscale.pretrain.checkpoint import latest_checkpoint
+
         # Signals reach the ranks microseconds apart: agree on whether this was a SIGTERM anywhere.
         terminated = any_rank(stop.received == signal.SIGTERM)
         if dist.is_initialized():
@@ -193,8 +214,8 @@ class TrainJob(Checkpointable):
             dist.destroy_process_group()
         how = (f"{signal.Signals(stop.received).name} {stop.seconds_since():.1f} s ago"
                if stop.received is not None else "another rank's signal")
-        name = latest_checkpoint(RunDir(result.run_dir).checkpoints).name
-        saved = f"rank {env.global_rank}: checkpoint {name} written on stop ({how})"
+        saved = (f"rank {env.global_rank}: checkpoint {latest_checkpoint(RunDir(run_dir).checkpoints).name} "
+                 f"written on stop ({how})")
         if env.global_rank != 0:
             print(f"{saved}; exiting (rank 0 decides on the requeue)", flush=True)
         elif terminated and not preempted(env):
