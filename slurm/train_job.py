@@ -160,6 +160,7 @@ class TrainJob(Checkpointable):
         from sigscale.pretrain.config import config_from_yaml
 
         env = submitit.JobEnvironment()
+        os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the Slurm (or local) task environment;
         # init_distributed reads them. All GPUs of the node stay visible: LOCAL_RANK picks one.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -227,6 +228,16 @@ class TrainJob(Checkpointable):
                 requeue(user_signal, None)  # new pickle, `scontrol requeue` (local: exit code 144), exit
         # No result file for a stopped task: the requeued run writes it.
         sys.exit(os.EX_TEMPFAIL)
+
+
+def master_port(job_id: str) -> int:
+    """The job's rendezvous port, the same on every task: from the job id, below Linux's ephemeral ports.
+
+    submitit's own pick (20000-60000 from the job id) overlaps the ephemeral range (32768-60999), so an
+    outgoing connection of any process on the master node can hold it already (EADDRINUSE, seen here).
+    """
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 12000
 
 
 def preempted(env: Any) -> bool:
