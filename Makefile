@@ -40,15 +40,17 @@ demo: setup
 bench: setup
 	$(VENV)/bin/sigscale bench loss --out bench_results/loss.json
 
-# The single-node Slurm cluster the Slurm tests submit to (slurm/local_cluster.sh: apt install on first
-# use, needs root). Where it cannot run (exit 3) its tests skip, except under CI=true where that fails.
+# The Slurm clusters the Slurm tests submit to (slurm/local_cluster.sh: apt install on first use, needs
+# root): the single-node one, and the two-node one (a network namespace per node). Where they cannot run
+# (exit 3) their tests skip, except under CI=true where that fails.
 slurm-up:
-	@bash slurm/local_cluster.sh start || { rc=$$?; \
+	@for mode in "" two-node; do bash slurm/local_cluster.sh start $$mode || { rc=$$?; \
 	  if [ $$rc -eq 3 ] && [ "$$CI" != true ]; then echo "make: no local Slurm here: the Slurm tests will skip"; \
-	  else exit $$rc; fi; }
+	  else exit $$rc; fi; }; done
 
 slurm-down:
 	bash slurm/local_cluster.sh stop
+	bash slurm/local_cluster.sh stop two-node
 
 clean:
 	rm -rf demo_out bench_results .pytest_cache

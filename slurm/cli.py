@@ -20,7 +20,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.what == "train":
         from sigscale.pretrain.config import load_config
 
-        sub = submit.submit_train(load_config(args.config, args.overrides), args.cluster, res, args.dry_run)
+        sub = submit.submit_train(load_config(args.config, args.overrides), args.cluster, res, args.dry_run,
+                                  args.collective_timeout)
     elif args.what == "curate":
         from sigscale.curation.config import load_curation_config
 
@@ -112,6 +113,10 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
         sp = stages.add_parser(stage, parents=[options], help=what, description=what)
         sp.add_argument("--config", required=stage != "eval", help="the stage's YAML (path, or a name in configs/)")
         sp.add_argument("overrides", nargs="*", help="dot-list overrides, as for the stage's own command")
+        if stage == "train":
+            sp.add_argument("--collective-timeout", type=int, metavar="SECONDS",
+                            help="a rank that waits this long for its peers fails the job, naming the lost rank "
+                                 "and node (default 600)")
 
     st = add("status", cmd_status, "state and log file of every job `sigscale submit` recorded for a run")
     st.add_argument("run", nargs="?", help="run dir (default: the runs submitted from this account)")

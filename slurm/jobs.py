@@ -164,7 +164,10 @@ def _failure(kind: str, name: str, job, state: str) -> JobFailedError:
 def _done(cluster: str, job) -> bool:
     if cluster == "local":
         return job.done()
-    if all(_outcome(job.task(t) if job.num_tasks > 1 else job) is not None for t in range(job.num_tasks)):
+    outcomes = [_outcome(job.task(t) if job.num_tasks > 1 else job) for t in range(job.num_tasks)]
+    # One task's error decides: the tasks of a dead node never write a result, and Slurm may take
+    # SlurmdTimeout (minutes) to notice that node.
+    if "error" in outcomes or all(o is not None for o in outcomes):
         return True
     state = job_state(cluster, job)
     return state not in ACTIVE and state != "UNKNOWN"

@@ -6,7 +6,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from sigscale.slurm.arrays import ArrayTask, submit_array
 from sigscale.slurm.executor import Resources, SubmitError, make_executor, sbatch_errors, sbatch_script
@@ -18,11 +18,20 @@ def _absolute(path: str) -> str:
     return str(Path(path).absolute()) if path else path
 
 
-def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """One job of ``nodes × tasks_per_node`` ranks running ``train(cfg)``; it requeues itself on preemption."""
+def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False,
+                 collective_timeout_s: Optional[int] = None) -> Submission:
+    """One job of ``nodes × tasks_per_node`` ranks running ``train(cfg)``; it requeues itself on preemption.
+
+    ``collective_timeout_s``: how long a rank waits for its peers in a collective before the job fails
+    naming the lost rank and node (default ``train_job.DEFAULT_COLLECTIVE_TIMEOUT_S``).
+    """
     from sigscale.core.config import to_yaml
     from sigscale.pretrain.config import check_world_size, with_run_dir
-    from sigscale.slurm.train_job import TrainJob
+    from sigscale.slurm.train_job import DEFAULT_COLLECTIVE_TIMEOUT_S, TrainJob
+
+    timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S if collective_timeout_s is None else collective_timeout_s
+    if timeout_s < 1:
+        raise SubmitError(f"--collective-timeout={timeout_s} must be at least 1 (seconds)")
 
     cfg = with_run_dir(cfg)
     cfg = dataclasses.replace(
@@ -44,7 +53,7 @@ def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Su
     folder = new_folder(run_dir, "train")
     executor = make_executor(cluster, folder, res, requeue=True)
     with sbatch_errors():
-        job = executor.submit(TrainJob(to_yaml(cfg)))
+        job = executor.submit(TrainJob(to_yaml(cfg), timeout_s))
     sub = Submission(run_dir, "train", cluster, folder, ["train"], [job])
     record(sub)
     return sub

@@ -25,15 +25,21 @@ def _unavailable(message: str) -> None:
     pytest.skip(f"{message}; {HOW_TO_ENABLE}")
 
 
+def _start(*mode: str) -> None:
+    """``local_cluster.sh start [MODE]``, or skip/fail the test saying why it cannot run here."""
+    proc = subprocess.run(["bash", str(SCRIPT), "start", *mode], capture_output=True, text=True, timeout=600)
+    if proc.returncode == CANNOT_RUN_HERE:
+        _unavailable(f"the local Slurm cluster cannot be started here ({proc.stderr.strip().splitlines()[-1]})")
+    if proc.returncode != 0:
+        _unavailable(f"slurm/local_cluster.sh start {' '.join(mode)} failed (exit {proc.returncode}): "
+                     f"{proc.stderr[-2000:]}")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Path:
     """Start (or reuse) the single-node cluster; clients find it through SLURM_CONF."""
     slurm_dir = Path(os.environ.get("SIGSCALE_SLURM_DIR", "/tmp/sigscale-slurm"))
-    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
-    if proc.returncode == CANNOT_RUN_HERE:
-        _unavailable(f"the local Slurm cluster cannot be started here ({proc.stderr.strip().splitlines()[-1]})")
-    if proc.returncode != 0:
-        _unavailable(f"slurm/local_cluster.sh start failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    _start()
     saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "OMP_NUM_THREADS", "SIGSCALE_STATE_DIR")}
     os.environ["SLURM_CONF"] = str(slurm_dir / "etc" / "slurm.conf")
     os.environ["SIGSCALE_STATE_DIR"] = str(tmp_path_factory.mktemp("sigscale_state"))  # not the user's list of runs
@@ -44,3 +50,28 @@ def slurm_cluster(tmp_path_factory) -> Path:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Path:
+    """Start (or reuse) the two-node cluster (a network and UTS namespace per node); returns its dir."""
+    _start("two-node")
+    return Path(os.environ.get("SIGSCALE_SLURM_2N_DIR", "/tmp/sigscale-slurm-2n"))
+
+
+@pytest.fixture
+def two_nodes(two_node_cluster, tmp_path, monkeypatch) -> Path:
+    """The two-node cluster for one test (SLURM_CONF points at it); what the test left queued is cancelled."""
+    monkeypatch.setenv("SLURM_CONF", str(two_node_cluster / "etc" / "slurm.conf"))
+    monkeypatch.setenv("SIGSCALE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = queued_jobs()
+    yield two_node_cluster
+    left = queued_jobs() - before
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+
+
+def queued_jobs() -> set:
+    out = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, check=True).stdout
+    return set(out.split())

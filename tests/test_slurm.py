@@ -2,14 +2,16 @@
 resume after preemption, curation and eval job arrays, failures that name their task and log."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import time
 from datetime import datetime
 
 import pytest
 
-from slurm_fixtures import slurm_cluster  # noqa: F401  (fixture)
+from slurm_fixtures import queued_jobs, slurm_cluster  # noqa: F401  (fixture)
 from test_train import cli_train, data, metric_losses, overrides  # noqa: F401  (data is a fixture)
 
 from sigscale.cli import main
@@ -25,20 +27,16 @@ slurm = pytest.mark.slurm
 STEPS, CKPT_EVERY = 48, 24
 TWO_RANKS = Resources(tasks_per_node=2, cpus_per_task=1, time_min=60)  # ≥ 60 min: see slurm/train_job.py
 ONE_CPU = Resources(cpus_per_task=1, time_min=60)
-
-
-def _queue() -> set:
-    out = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+PREEMPTIBLE, PREEMPTING = "debug", "urgent"  # slurm/local_cluster.sh: PriorityTier 1 and 2, PreemptMode=REQUEUE
 
 
 @pytest.fixture
 def cluster(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
     """The cluster for one test; whatever the test left queued is cancelled afterwards."""
     monkeypatch.setenv("SIGSCALE_STATE_DIR", str(tmp_path / "state"))
-    before = _queue()
+    before = queued_jobs()
     yield slurm_cluster
-    left = _queue() - before
+    left = queued_jobs() - before
     if left:
         subprocess.run(["scancel", *left], check=False)
 
@@ -84,25 +82,71 @@ def test_two_task_training_job_matches_torchrun_and_leaves_checkpoints(cluster, 
     assert rec["kind"] == "train" and rec["jobs"][0]["id"] == job.job_id and rec["jobs"][0]["tasks"] == 2
 
 
+def _wait_for_steps(run, job, n: int) -> None:
+    """Until the run has logged ``n`` steps (the job is mid-run)."""
+    metrics, deadline = run / "metrics.jsonl", time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert time.time() < deadline and not job.paths.result_pickle.exists(), "training never started"
+        time.sleep(0.1)
+
+
+def _stop_and_resume_steps(job) -> tuple:
+    """(the step each rank stopped at with a checkpoint, the step the requeued attempt resumed from)."""
+    out = "".join(job.task(rank).paths.stdout.read_text() for rank in (0, 1))
+    saved = sorted({int(m) for m in re.findall(r"rank \d: checkpoint step_(\d+) written on stop", out)})
+    resumed = [int(m) for m in re.findall(r"^resumed from \S*step_(\d+)", out, re.M)]
+    return saved, resumed
+
+
 @slurm
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, data, reference, tmp_path):  # noqa: F811
+def test_slurm_preemption_sigterm_checkpoints_within_grace_time_and_requeued_job_resumes_exactly(
+        cluster, data, reference, tmp_path):  # noqa: F811
+    """Real preemption: a job in the high-priority partition needs the CPUs, Slurm preempts the training
+    job (PreemptMode=REQUEUE: SIGTERM, GraceTime, SIGKILL) and requeues it; no USR2 is ever sent."""
+    run = tmp_path / "run"
+    sub = submit_train(tiny(data, run), "slurm", dataclasses.replace(TWO_RANKS, partition=PREEMPTIBLE))
+    job = sub.jobs[0]
+    _wait_for_steps(run, job, 3)
+    cpus = subprocess.run(["sinfo", "-h", "-p", PREEMPTING, "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", PREEMPTING, "-c", cpus, "-o", str(tmp_path / "urgent.out"),
+                             "--wrap", "echo urgent ran"], capture_output=True, text=True, check=True).stdout.strip()
+    wait(sub, poll_s=1, timeout_s=400)
+    out = job.paths.stdout.read_text()
+    for rank in (0, 1):  # each task caught Slurm's SIGTERM, with its DataLoader worker still alive
+        log = job.task(rank).paths.stdout.read_text()
+        assert f"rank {rank}: caught SIGTERM" in log and f"rank {rank}: caught SIGUSR2" not in log
+        assert re.search(rf"rank {rank}: checkpoint step_\d+ written on stop \(SIGTERM", log)
+    assert "rank 0: caught SIGTERM" in out and "; requeueing" in out and "Requeued job" in out
+    saved, resumed = _stop_and_resume_steps(job)
+    assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < STEPS  # resumed where SIGTERM stopped it
+    assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    assert (tmp_path / "urgent.out").read_text() == "urgent ran\n"
+    deadline = time.time() + 60
+    while (states := _states(job.job_id))[-1] == "RUNNING" and time.time() < deadline:
+        time.sleep(1)
+    assert states == ["REQUEUED", "COMPLETED"] and _states(urgent) == ["COMPLETED"]
+    # the urgent job ran on the CPUs the training job gave up, before its requeued attempt started
+    (first_end, _), (_, second_start), (urgent_start,) = (
+        _times(job.job_id, "End", duplicates=True), _times(job.job_id, "Start", duplicates=True),
+        _times(urgent, "Start"))
+    assert first_end <= urgent_start <= second_start
+
+
+@slurm
+def test_usr2_before_time_limit_checkpoints_and_submitit_requeues_exactly(cluster, data, reference, tmp_path):  # noqa: F811
+    """The time-limit signal (``--signal=USR2@...``; here sent by scancel at once): submitit requeues."""
     run = tmp_path / "run"
     sub = submit_train(tiny(data, run), "slurm", TWO_RANKS)
     job = sub.jobs[0]
-    metrics, deadline = run / "metrics.jsonl", time.time() + 240
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.time() < deadline and not job.paths.result_pickle.exists(), "training never started"
-        time.sleep(0.1)
-    job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2, to every task
+    _wait_for_steps(run, job, 3)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # to every task, as Slurm does
     wait(sub, poll_s=1, timeout_s=300)
     # both attempts log into the same files (open-mode append)
-    assert "Caught signal SIGUSR2" in job.paths.stderr.read_text()
-    out = job.paths.stdout.read_text()
-    assert "Requeued job" in out
-    resumed = [line for line in out.splitlines() if line.startswith("resumed from")]
-    assert len(resumed) == 1
-    step = int(resumed[0].split("step_")[1].split()[0])
-    assert 3 <= step < STEPS  # stopped mid-run, at a step boundary after the interrupt
+    assert "rank 0: caught SIGUSR2" in job.paths.stdout.read_text()
+    assert "Requeued job" in job.paths.stdout.read_text()
+    saved, resumed = _stop_and_resume_steps(job)
+    assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < STEPS
     # one metrics file, every step exactly once (metric_losses checks), equal to the uninterrupted run
     assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
     # Slurm's record: the first attempt REQUEUED, the second COMPLETED (once its processes have exited)
@@ -118,9 +162,9 @@ def _states(job_id: str) -> list:
     return out.split()
 
 
-def _times(job_id: str, field: str) -> list:
-    """sacct's Start or End of a job (every task of an array)."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field],
+def _times(job_id: str, field: str, duplicates: bool = False) -> list:
+    """sacct's Start or End of a job (every task of an array; with ``duplicates``, every attempt)."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field] + ["--duplicates"] * duplicates,
                          capture_output=True, text=True, check=True).stdout
     return [datetime.fromisoformat(t) for t in out.split()]
 

@@ -87,6 +87,8 @@ def test_submit_errors_name_the_option_and_the_fix(tmp_path, capsys, monkeypatch
     assert "train.strategy=single cannot use 2 tasks; set train.strategy=fsdp" in msg
     msg = error(*train, "--array-parallelism", "0", "--dry-run")
     assert msg == "sigscale: error: --array-parallelism=0 must be at least 1"
+    msg = error(*train, "--collective-timeout", "0", "--dry-run")
+    assert msg == "sigscale: error: --collective-timeout=0 must be at least 1 (seconds)"
     # no Slurm client on PATH: say how to get one
     empty = tmp_path / "bin"
     empty.mkdir()
