@@ -147,7 +147,7 @@ def test_fsdp_checkpoint_reshards_from_two_ranks_to_one(tmp_path, data):
     # Adam moments were resharded too: every parameter has full-size state
     assert all(opt.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
     # and the single-process run carries on from there
-    one = cli_train(data, run, 12, 6, nproc=1)
+    one = cli_train(data, run, 12, 6, nproc=1, extra=["train.allow_changes=[train.steps]"])
     out = one.stdout.read()
     assert one.wait(timeout=300) == 0, out[-3000:]
     assert "resumed from" in out and "data order restarts" in out
@@ -209,7 +209,7 @@ def test_deepspeed_zero3_run_resumes_exactly_and_refuses_another_strategy(tmp_pa
     assert metric_losses(run) == pytest.approx(losses, rel=1e-5, abs=1e-6)
 
     # One process cannot run DeepSpeed: the checkpoint says who wrote it and what to do.
-    single = cli_train(data, run, 12, 4, nproc=1, extra=ds)
+    single = cli_train(data, run, 12, 4, nproc=1, extra=[*ds, "train.allow_changes=[train.steps]"])
     out = single.stdout.read()
     assert single.wait(timeout=300) == 2, out[-3000:]
     assert "written by DeepSpeed" in out and "resume with the strategy that wrote it" in out
