@@ -195,7 +195,8 @@ def write_clipbench(root: Path, task: str, n: int = 12, size: int = 32, seed: in
     colors, fmts = list(COLORS), [("webp", "WEBP"), ("png", "PNG"), ("jpg", "JPEG")]
     (root / "test").mkdir(parents=True, exist_ok=True)
     if task == "classification":
-        (root / "classnames.txt").write_text("\n".join(f"{c} square" for c in colors) + "\n")
+        # A fifth class without images: candidates >= 5, so CLIP_benchmark reports top-5 too.
+        (root / "classnames.txt").write_text("\n".join(f"{c} square" for c in colors + ["grey"]) + "\n")
         (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nitap of the {c}.\n")
     else:
         (root / "dataset_type.txt").write_text("retrieval\n")

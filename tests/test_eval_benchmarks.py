@@ -133,7 +133,7 @@ def test_clipbench_classification_reads_shards_in_numeric_order(tiny, tmp_path):
     samples = list(url_samples(urls))
     assert [s["key"] for s in samples] == [f"s{i:05d}" for i in range(12)]
     res = evaluate_clipbench(tiny["model"], tiny["tok"], root, batch_size=5)
-    assert res["task"] == "classification" and res["images"] == 12 and res["classes"] == 4 and res["templates"] == 2
+    assert res["task"] == "classification" and res["images"] == 12 and res["classes"] == 5 and res["templates"] == 2
     img = embed_images(tiny["model"], [s["image"] for s in samples])
     names = [l.strip() for l in (root / "classnames.txt").read_text().splitlines()]
     cls = class_embeddings(tiny["model"], tiny["tok"], names, ["a photo of a {}.", "itap of the {}."])
