@@ -175,7 +175,7 @@ def test_registry_entries_and_name_errors(tmp_path):
 def test_cli_runs_every_benchmark_on_its_shipped_format(tiny, tmp_path, capsys):
     hf = export_hf(tiny["model"], tmp_path / "hf", tiny["tok_path"])
     imagenet = write_imagenet_val(tmp_path / "in", per_class=2)
-    (imagenet / "templates.txt").write_text(IMAGENET_TEMPLATES_FILE)
+    (imagenet / "templates.txt").write_text("a photo of a {}.\n")  # one template: 1000 prompts, not 3000
     babel = write_babel(tmp_path / "babel")
     cls_task = write_clipbench(tmp_path / "wds_cls", "classification", n=6)
     ret_task = write_clipbench(tmp_path / "wds_ret", "retrieval", n=5)
