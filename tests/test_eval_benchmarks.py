@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from dist_helpers import run_distributed
 from eval_fixtures import (BABEL_LABELS, brute_force_recall, tokenizer_model, write_babel,
                            write_clipbench, write_imagenet_val, write_karpathy, write_xm3600, write_xtd10)
 from sigscale.cli import main
@@ -16,6 +17,7 @@ from sigscale.eval.embed import embed_images, embed_texts
 from sigscale.eval.karpathy import KarpathyError, evaluate_karpathy, load_karpathy
 from sigscale.eval.registry import BENCHMARKS, lookup
 from sigscale.eval.report import read_report
+from sigscale.eval.run import evaluate
 from sigscale.eval.sources import url_samples
 from sigscale.eval.xtd10 import XTD10Error, evaluate_xtd10, load_xtd10
 from sigscale.eval.zeroshot import class_embeddings
@@ -205,3 +207,45 @@ def test_cli_runs_every_benchmark_on_its_shipped_format(tiny, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(hf), "--benchmarks", f"clipbench:{cls_task}", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nshards.txt not found" in err[0]
+
+
+def _eval_rank(rank: int, world: int, cfg: BenchmarkConfig, tok_path: str):
+    tok = Tokenizer(tok_path, context_length=16)
+    torch.manual_seed(0)
+    return evaluate(create_model("tiny", text_vocab_size=tok.vocab_size).eval(), tok, cfg, rank, world)
+
+
+def _numbers(res: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in res.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and k != "seconds":
+            out[prefix + k] = v
+    return out
+
+
+@pytest.mark.multiproc
+def test_new_benchmarks_over_two_ranks_equal_one_process(tiny, tmp_path):
+    imagenet = write_imagenet_val(tmp_path / "in", per_class=2)
+    (imagenet / "templates.txt").write_text("a photo of a {}.\n")
+    babel = write_babel(tmp_path / "babel")
+    cls_task = write_clipbench(tmp_path / "wds_cls", "classification", n=7)
+    ret_task = write_clipbench(tmp_path / "wds_ret", "retrieval", n=7)
+    cfg = BenchmarkConfig(benchmarks=["babel_imagenet", "xtd10", "coco", f"clipbench:{cls_task}",
+                                      f"clipbench:{ret_task}"], imagenet_dir=str(imagenet),
+                          babel_imagenet_labels=str(babel["labels"]), babel_imagenet_prompts=str(babel["prompts"]),
+                          xtd10_dir=str(write_xtd10(tmp_path / "xtd", n=5)),
+                          coco_dir=str(write_karpathy(tmp_path / "coco", "coco", n_test=3)), batch_size=3)
+    ranks = run_distributed(_eval_rank, 2, cfg, str(tiny["tok_path"]))
+    single = _eval_rank(0, 1, cfg, str(tiny["tok_path"]))
+    assert ranks[1] == {} and list(ranks[0]) == list(single)
+    # Ranks embed in other batch shapes (embeddings agree to ~1e-6): counts exactly, metrics to one image.
+    for name in single:
+        a, b = _numbers(ranks[0][name]), _numbers(single[name])
+        assert a.keys() == b.keys(), name
+        for k in a:
+            if k.rsplit(".", 1)[-1] in ("images", "captions", "classes", "templates"):
+                assert a[k] == b[k], (name, k)
+            else:
+                assert a[k] == pytest.approx(b[k], abs=100 / 3 + 1e-6), (name, k)
