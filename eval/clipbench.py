@@ -55,8 +55,12 @@ def shard_files(root: Path, split: str = SPLIT) -> List[str]:
     return [str(u) for u in urls]
 
 
-def task_kind(urls: List[str]) -> str:
+def task_kind(root: Path, urls: List[str]) -> str:
     """'classification' when the first sample carries ``cls``, 'retrieval' when it carries ``txt``."""
+    declared = Path(root) / "dataset_type.txt"
+    if declared.is_file() and declared.read_text().strip().lower() == "multilabel":
+        raise ClipBenchError(f"{declared} says multilabel (npy labels, mean average precision); sigscale evaluates "
+                             "single-label classification and retrieval tasks only")
     first = next(url_samples(urls), None)
     if first is None:
         raise ClipBenchError(f"the shards {urls[0]}.. hold no samples")
@@ -135,6 +139,6 @@ def evaluate_clipbench(model: nn.Module, tokenizer: Tokenizer, root: Path, batch
                        rank: int = 0, world: int = 1) -> Dict:
     """Classification or retrieval on a CLIP_benchmark webdataset task's test split; {} off rank 0."""
     urls = shard_files(root)
-    if task_kind(urls) == "classification":
+    if task_kind(root, urls) == "classification":
         return _classification(model, tokenizer, root, urls, batch_size, rank, world)
     return _retrieval(model, tokenizer, urls, batch_size, rank, world)

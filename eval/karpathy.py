@@ -50,24 +50,24 @@ def load_karpathy(root: Path, dataset: str, split: str = "test") -> Tuple[List[P
                             f"{KARPATHY_FILES[dataset]} (Karpathy splits) and its images")
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
-        entries = [e for e in doc["images"] if e["split"] == split]
+        entries = [(e, [s["raw"] for s in e["sentences"]]) for e in doc["images"] if e["split"] == split]
+        names = [e["filename"] for e, _ in entries]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise KarpathyError(f"{index} is not a Karpathy-split file ({e!r}); restore the original "
-                            f"{KARPATHY_FILES[dataset]}") from e
+        raise KarpathyError(f"{index} is not a Karpathy-split file (missing or malformed {e!s}); restore the "
+                            f"original {KARPATHY_FILES[dataset]}") from e
     if not entries:
         splits = sorted({e.get("split") for e in doc["images"]})
         raise KarpathyError(f"{index} has no images in split {split!r}; its splits are {splits}; "
                             "set eval.karpathy_split to one of them")
     paths, texts, owners = [], [], []
-    for i, entry in enumerate(entries):
+    for i, ((entry, raws), name) in enumerate(zip(entries, names)):
         path = _image_path(Path(root), entry)
         if not path.is_file():
-            raise KarpathyError(f"image {entry['filename']} (imgid {entry.get('imgid')}) of {index} is missing at "
-                                f"{Path(root) / entry.get('filepath', '') / entry['filename']} or {path}; restore it")
+            raise KarpathyError(f"image {name} (imgid {entry.get('imgid')}) of {index} is missing at "
+                                f"{Path(root) / entry.get('filepath', '') / name} or {path}; restore it")
         paths.append(path)
-        for sentence in entry["sentences"]:
-            texts.append(sentence["raw"])
-            owners.append(i)
+        texts += raws
+        owners += [i] * len(raws)
     return paths, texts, owners
 
 

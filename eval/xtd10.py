@@ -34,7 +34,8 @@ class XTD10Error(EvalDataError):
 
 
 def _lines(path: Path) -> List[str]:
-    return Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n")
+    # Split on newlines only: str.splitlines would also split captions at U+2028 and break the alignment.
+    return [l.rstrip("\r") for l in Path(path).read_text(encoding="utf-8").rstrip("\r\n").split("\n")]
 
 
 def caption_files(root: Path) -> Dict[str, Path]:

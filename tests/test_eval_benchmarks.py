@@ -64,6 +64,12 @@ def test_karpathy_errors_name_the_file_and_fix(tmp_path):
         load_karpathy(root, "coco", "tst")
     with pytest.raises(KarpathyError, match=r"dataset_flickr30k.json not found"):
         load_karpathy(root, "flickr30k")
+    doc = json.loads((root / "dataset_coco.json").read_text())
+    del doc["images"][-1]["sentences"][0]["raw"]
+    (root / "bad").mkdir()
+    (root / "bad" / "dataset_coco.json").write_text(json.dumps(doc))
+    with pytest.raises(KarpathyError, match=r"dataset_coco.json is not a Karpathy-split file \(missing or malformed 'raw'\)"):
+        load_karpathy(root / "bad", "coco")
     (root / "val2014" / "COCO_val2014_000000000100.jpg").unlink()
     with pytest.raises(KarpathyError, match=r"image COCO_val2014_000000000100.jpg \(imgid 0\).* is missing"):
         load_karpathy(root, "coco", "train")
@@ -152,6 +158,9 @@ def test_clipbench_retrieval_splits_captions_per_line(tiny, tmp_path):
     assert res["task"] == "retrieval" and res["images"] == 9 and res["captions"] == len(texts) == 18
     img = embed_images(tiny["model"], [s["image"] for s in samples])
     _check_recall(res["all"], img, embed_texts(tiny["model"], tiny["tok"], texts), owners)
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with pytest.raises(ClipBenchError, match=r"dataset_type.txt says multilabel"):
+        evaluate_clipbench(tiny["model"], tiny["tok"], root)
     (root / "test" / "nshards.txt").unlink()
     with pytest.raises(ClipBenchError, match=r"nshards.txt not found; a CLIP_benchmark webdataset task needs"):
         shard_files(root)
