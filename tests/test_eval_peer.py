@@ -8,7 +8,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from eval_fixtures import tokenizer_model, write_clipbench
-from sigscale.eval.clipbench import evaluate_clipbench
+from sigscale.eval.clipbench import TEMPLATES_FILE, clip_templates, evaluate_clipbench, shard_files
+from sigscale.eval.embed import embed_images
+from sigscale.eval.sources import url_samples
+from sigscale.eval.zeroshot import class_embeddings
 from sigscale.pretrain.data import preprocess_image
 from sigscale.pretrain.interop import export_open_clip
 from sigscale.pretrain.tokenizer import Tokenizer
@@ -16,7 +19,7 @@ from sigscale.pretrain.towers import create_model
 from test_interop import ERF, open_clip_tiny
 
 clip_benchmark = pytest.importorskip("clip_benchmark", reason="pip install clip_benchmark==1.6.2 (test extra)")
-from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn  # noqa: E402
+from clip_benchmark.datasets.builder import build_dataset  # noqa: E402
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval  # noqa: E402
 
 
@@ -38,13 +41,14 @@ def _pixels(img: Image.Image) -> torch.Tensor:
     return preprocess_image(buf.getvalue(), ERF.vision.image_size)
 
 
-def _loader(root, task, collate=None):
+def _loader(root, task):
+    """The dataset and loader as CLIP_benchmark's CLI builds them for ``wds/`` tasks (webdataset batching)."""
     ds = build_dataset(f"wds/{root.name}", root=str(root), transform=_pixels, split="test", task=task)
-    return ds, torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    return ds, torch.utils.data.DataLoader(ds.batched(4), batch_size=None, shuffle=False)
 
 
 def test_classification_equals_clip_benchmark(models, tmp_path):
-    root = write_clipbench(tmp_path / "wds_colors", "classification", n=12)
+    root = write_clipbench(tmp_path / "wds_colors", "classification", n=48)
     ds, loader = _loader(root, "zeroshot_classification")
     # Its classifier and logits; zeroshot_classification.evaluate itself stops in its accuracy() under
     # numpy 2 (float() of a 1-element array), so top-k is read off its logits the way accuracy() does.
@@ -54,14 +58,18 @@ def test_classification_equals_clip_benchmark(models, tmp_path):
     top = logits.topk(5, dim=1).indices
     theirs = {k: (top[:, :k] == target[:, None]).any(1).float().mean().item() for k in (1, 5)}
     ours = evaluate_clipbench(models["ours"], models["tok"], root, batch_size=5)
-    assert ours["classes"] == len(ds.classes) == 5 and ours["images"] == len(target) == 12
+    assert ours["classes"] == len(ds.classes) == 5 and ours["images"] == len(target) == 48
+    # Every score agrees, not only the accuracy (which a random tiny model leaves near chance): same
+    # prompts (its {c} templates), same pixels, same class and image embeddings.
+    img = embed_images(models["ours"], [s["image"] for s in url_samples(shard_files(root))])
+    cls = class_embeddings(models["ours"], models["tok"], ds.classes, clip_templates(root / TEMPLATES_FILE))
+    torch.testing.assert_close(100 * img @ cls.T, logits, atol=1e-3, rtol=0)
     assert ours["top1"] == pytest.approx(100 * theirs[1]) and ours["top5"] == pytest.approx(100 * theirs[5])
 
 
 def test_retrieval_equals_clip_benchmark(models, tmp_path):
     root = write_clipbench(tmp_path / "wds_caps", "retrieval", n=12)
-    # image_captions_collate_fn: the collate CLIP_benchmark uses for its retrieval sets (lists of captions).
-    _, loader = _loader(root, "zeroshot_retrieval", image_captions_collate_fn)
+    _, loader = _loader(root, "zeroshot_retrieval")
     theirs = zeroshot_retrieval.evaluate(models["oc"], loader, models["tok"], device="cpu", amp=False,
                                          recall_k_list=[1, 5, 10])
     ours = evaluate_clipbench(models["ours"], models["tok"], root, batch_size=5)["all"]
