@@ -29,6 +29,8 @@ CLASSIFICATION = ("top1", "top5")
 
 @dataclass(frozen=True)
 class Benchmark:
+    """One benchmark: what it reads, what it reports and how it runs."""
+
     name: str
     data: Tuple[Tuple[str, str], ...]  # (EvalConfig key, `sigscale eval` flag); empty: the path is in the name
     metrics: Tuple[str, ...]
