@@ -15,8 +15,12 @@ _FLAGS = {
     "xm3600_root": "eval.xm3600_dir", "xm3600_languages": "eval.xm3600_languages",
     "first_caption_only": "eval.first_caption_only", "retrieval_shards": "eval.retrieval_shards",
     "max_samples": "eval.retrieval_max_samples", "batch_size": "eval.batch_size",
+    "coco_root": "eval.coco_dir", "flickr30k_root": "eval.flickr30k_dir", "karpathy_split": "eval.karpathy_split",
+    "xtd10_root": "eval.xtd10_dir", "xtd10_images": "eval.xtd10_images", "xtd10_languages": "eval.xtd10_languages",
+    "babel_imagenet_labels": "eval.babel_imagenet_labels", "babel_imagenet_prompts": "eval.babel_imagenet_prompts",
+    "babel_imagenet_languages": "eval.babel_imagenet_languages",
 }
-_LISTS = ("benchmarks", "xm3600_languages")
+_LISTS = ("benchmarks", "xm3600_languages", "xtd10_languages", "babel_imagenet_languages")
 
 
 def _job(args: argparse.Namespace):
@@ -83,14 +87,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    e = add("eval", cmd_eval, "evaluate checkpoints (ImageNet zero-shot, XM3600, retrieval) and write a report")
+    e = add("eval", cmd_eval, "evaluate checkpoints (ImageNet, Babel-ImageNet, XM3600, XTD10, COCO, Flickr30k, CLIP_benchmark tasks, retrieval) and write a report")
     e.add_argument("--config", help="eval job YAML (path, or a name in configs/eval/); flags below override it")
     e.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. eval.batch_size=128")
     e.add_argument("--checkpoint", nargs="+", help="HF SiglipModel dir, sigscale run dir, run/checkpoints/step_N "
                    "(or run/checkpoints for every step), open_clip weights")
     e.add_argument("--tokenizer", help="SentencePiece .model (default: the run's, or spiece.model in an HF dir)")
     e.add_argument("--model", help="model config for open_clip weights: preset name or experiment YAML")
-    e.add_argument("--benchmarks", help="comma-separated: imagenet,zeroshot,xm3600,retrieval")
+    e.add_argument("--benchmarks", help="comma-separated: imagenet,zeroshot,xm3600,retrieval,coco,flickr30k,xtd10,"
+                   "babel_imagenet, clipbench:PATH (a CLIP_benchmark webdataset task folder)")
     e.add_argument("--out", help="report folder, e.g. reports/NAME")
     e.add_argument("--imagenet-root", help="ImageNet val: synset folders (n01440764/...) or shards with a class")
     e.add_argument("--classification-root", help="classification folder (or shards) with classnames.txt")
@@ -100,6 +105,15 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("--first-caption-only", action="store_true", help="CLIP_benchmark's XM3600 protocol")
     e.add_argument("--retrieval-shards", help="webdataset split for generic retrieval")
     e.add_argument("--max-samples", type=int, help="retrieval: first N samples only")
+    e.add_argument("--coco-root", help="folder with dataset_coco.json (Karpathy splits) and the COCO images")
+    e.add_argument("--flickr30k-root", help="folder with dataset_flickr30k.json (Karpathy splits) and the images")
+    e.add_argument("--karpathy-split", help="coco/flickr30k split (default test)")
+    e.add_argument("--xtd10-root", help="XTD10 release: test_image_names.txt + test_1kcaptions_<lang>.txt")
+    e.add_argument("--xtd10-images", help="folder of the images XTD10 lists (default: <xtd10-root>/images)")
+    e.add_argument("--xtd10-languages", help="comma-separated (default: every caption file)")
+    e.add_argument("--babel-imagenet-labels", help="babel_imagenet.json; images from --imagenet-root")
+    e.add_argument("--babel-imagenet-prompts", help="per-language templates JSON (default: English templates)")
+    e.add_argument("--babel-imagenet-languages", help="comma-separated (default: every language in the labels)")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under torchrun the env decides")
     e.add_argument("--title", default="sigscale evaluation")

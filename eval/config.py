@@ -5,20 +5,13 @@
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from sigscale.core import config as core_config
 from sigscale.core.config import ConfigError
+from sigscale.eval.registry import NAMES, check_data
 from sigscale.pretrain.config import EvalConfig
-
-BENCHMARKS = ("imagenet", "zeroshot", "xm3600", "retrieval")
-# The data key each benchmark reads, and the `sigscale eval` flag that sets it.
-DATA_KEYS = {"imagenet": ("imagenet_dir", "--imagenet-root"), "zeroshot": ("classification_dir", "--classification-root"),
-             "xm3600": ("xm3600_dir", "--xm3600-root"), "retrieval": ("retrieval_shards", "--retrieval-shards")}
-
 
 # One schema for the benchmarks, shared with the experiment's ``eval:`` section (periodic eval in training).
 BenchmarkConfig = EvalConfig
@@ -36,18 +29,9 @@ class EvalJobConfig:
 def validate_benchmarks(cfg: BenchmarkConfig) -> None:
     """Unknown benchmark names and benchmarks without data stop before any model is loaded."""
     if not cfg.benchmarks:
-        raise ConfigError(f"eval.benchmarks is empty; choose from {list(BENCHMARKS)}, e.g. --benchmarks xm3600")
+        raise ConfigError(f"eval.benchmarks is empty; choose from {NAMES}, e.g. --benchmarks xm3600")
     for name in cfg.benchmarks:
-        if name not in BENCHMARKS:
-            close = difflib.get_close_matches(name, BENCHMARKS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown benchmark {name!r}{hint}; choose from {list(BENCHMARKS)}")
-        key, flag = DATA_KEYS[name]
-        value = getattr(cfg, key, "")
-        if not value:
-            raise ConfigError(f"benchmark {name!r} needs eval.{key} ({flag}); set it to the data")
-        if not Path(value).exists():
-            raise ConfigError(f"eval.{key}={value} does not exist; fix the path")
+        check_data(name, cfg)
     if cfg.batch_size <= 0:
         raise ConfigError(f"eval.batch_size={cfg.batch_size} must be positive")
 

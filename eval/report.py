@@ -25,19 +25,17 @@ class ReportError(EvalDataError):
     """A report file to read or compare is missing or is not a sigscale eval report."""
 
 
+# The summary metrics, in order; a benchmark reports those it has ("all pairs" sets: R@1 only).
+_HEADLINE = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5", "i2t_r@10", "t2i_r@10", "top1", "top5")
+
+
 def headline(record: Dict[str, Any]) -> Dict[str, float]:
     """The few numbers that summarise a checkpoint, keyed "benchmark metric"."""
     out: Dict[str, float] = {}
     for name, res in record.get("benchmarks", {}).items():
-        if "top1" in res:
-            out[f"{name} top1"] = res["top1"]
-            out[f"{name} top5"] = res["top5"]
-        elif name == "xm3600" or "mean" in res:
-            for m in ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5", "i2t_r@10", "t2i_r@10"):
-                out[f"{name} {m}"] = res["mean"][m]
-        elif "all" in res:
-            for m in ("i2t_r@1", "t2i_r@1"):
-                out[f"{name} {m}"] = res["all"][m]
+        stats = res if "top1" in res else res.get("mean") or res.get("all") or {}
+        wanted = _HEADLINE if "mean" in res or "top1" in stats else _HEADLINE[:2]
+        out.update({f"{name} {m}": stats[m] for m in wanted if m in stats})
     return out
 
 
@@ -89,17 +87,23 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _pair(per_lang: Dict[str, Dict]) -> Tuple[str, str]:
+    """The two per-language metrics to plot: I→T/T→I R@1 for retrieval, top-1/top-5 for classification."""
+    return ("i2t_r@1", "t2i_r@1") if "i2t_r@1" in next(iter(per_lang.values())) else ("top1", "top5")
+
+
 def _language_bars(per_lang: Dict[str, Dict], title: str, chance: Optional[float] = None) -> bytes:
-    """Per-language I→T and T→I R@1, languages sorted by I→T, with the chance level as a line."""
-    langs = sorted(per_lang, key=lambda l: -per_lang[l]["i2t_r@1"])
+    """Per-language bars of two metrics (see _pair), sorted by the first, with the chance level as a line."""
+    a, b = _pair(per_lang)
+    langs = sorted(per_lang, key=lambda l: -per_lang[l][a])
     fig, ax = _figure(max(5.0, 0.28 * len(langs) + 2))
     x = list(range(len(langs)))
-    ax.bar([i - 0.2 for i in x], [per_lang[l]["i2t_r@1"] for l in langs], 0.4, label="I→T R@1")
-    ax.bar([i + 0.2 for i in x], [per_lang[l]["t2i_r@1"] for l in langs], 0.4, label="T→I R@1")
+    ax.bar([i - 0.2 for i in x], [per_lang[l][a] for l in langs], 0.4, label=a)
+    ax.bar([i + 0.2 for i in x], [per_lang[l][b] for l in langs], 0.4, label=b)
     ax.set_xticks(x, langs, rotation=90 if len(langs) > 12 else 0)
     if chance is not None:
         ax.axhline(chance, color="grey", lw=0.8, ls="--", label=f"chance {chance:.2f}%")
-    ax.set_ylabel("recall@1 (%)")
+    ax.set_ylabel("%")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the bars
     return _png(fig)
@@ -162,9 +166,11 @@ def report_plots(records: Sequence[Dict], curves: Dict[str, List[Tuple[int, floa
     for name, res in last.get("benchmarks", {}).items():
         per_lang = res.get("languages")
         if per_lang:
-            plots[f"{name}_languages"] = _language_bars(per_lang, f"{name}: recall@1 per language ({label(last)})",
-                                                        res.get("chance_r@1"))
-            plots[f"{name}_i2t_vs_t2i"] = _i2t_vs_t2i(per_lang, f"{name}: I→T vs T→I R@1")
+            metric = _pair(per_lang)[0]
+            plots[f"{name}_languages"] = _language_bars(per_lang, f"{name}: {metric} per language ({label(last)})",
+                                                        res.get("chance_r@1", res.get("chance_top1")))
+            if metric == "i2t_r@1":
+                plots[f"{name}_i2t_vs_t2i"] = _i2t_vs_t2i(per_lang, f"{name}: I→T vs T→I R@1")
     curve = next((c for c in curves.values() if c), [])
     if sum(r.get("step") is not None for r in records) >= 2 or curve:
         plots["training_curves"] = _curves(records, curve)
@@ -202,15 +208,21 @@ def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
         chance = {k: v for k, v in res.items() if k.startswith("chance")}
         if chance:
             note += "; chance: " + ", ".join(f"{k[7:]} {v:.2f}%" for k, v in chance.items())
+        if "all" in res and not res.get("languages"):
+            ks = list(res["all"])
+            out.append((f"{name} ({label(last)})", _table(["images", "captions"] + ks,
+                                                          [[res["images"], res.get("captions")] +
+                                                           [res["all"][m] for m in ks]]), note))
         if "top1" in res:
             rows = [[res["images"], res["classes"], res["top1"], res["top5"], res["templates"]]]
             out.append((f"{name} ({label(last)})", _table(["images", "classes", "top-1", "top-5", "templates"], rows), note))
         if res.get("languages"):
-            ks = [m for m in next(iter(res["languages"].values())) if "@" in m and not m.startswith("chance")]
-            langs = sorted(res["languages"], key=lambda l: -res["languages"][l]["i2t_r@1"])
+            ks = [m for m in next(iter(res["languages"].values()))
+                  if ("@" in m or m.startswith("top") or m == "classes") and not m.startswith("chance")]
+            langs = sorted(res["languages"], key=lambda l: -res["languages"][l][ks[0]])
             rows = [[l] + [res["languages"][l][m] for m in ks] for l in langs]
             if "mean" in res:
-                rows.append(["**mean**"] + [res["mean"][m] for m in ks])
+                rows.append(["**mean**"] + [res["mean"].get(m) for m in ks])
             if "all" in res:
                 rows.append(["**all pairs**"] + [res["all"][m] for m in ks])
             out.append((f"{name} per language ({label(last)})", _table(["language"] + ks, rows), note))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,33 @@ def recall_at_k(img: torch.Tensor, txt: torch.Tensor, txt_image: torch.Tensor,
     for k in ks:
         out[f"i2t_r@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
         out[f"t2i_r@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    return out
+
+
+def mean_over(per_group: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Unweighted mean of each recall metric over groups (languages): every language counts once."""
+    metrics = [m for m in next(iter(per_group.values())) if "@" in m]
+    return {m: sum(v[m] for v in per_group.values()) / len(per_group) for m in metrics}
+
+
+def grouped_recall(model: nn.Module, tokenizer: Tokenizer, images: Iterable, captions: Dict[str, Tuple[List[str], List[int]]],
+                   batch_size: int = 256, rank: int = 0, world: int = 1) -> Dict[str, Dict[str, float]]:
+    """Recall@1/5/10 per caption group (language) against one image gallery; {} on ranks other than 0.
+
+    ``captions[group] = (texts, image index of each text)``. Images are embedded once and every
+    group's captions go through the text tower in one pass, then split. ``images`` may be a
+    generator that fills the caption lists as it reads (they are read only after the images).
+    """
+    with eval_mode(model):
+        img = embed_images(model, images, batch_size, rank, world)
+        texts = [t for caps, _ in captions.values() for t in caps]
+        txt = embed_texts(model, tokenizer, texts, 4 * batch_size, rank, world)
+    if rank != 0:
+        return {}
+    out, start = {}, 0
+    for group, (caps, owners) in captions.items():
+        out[group] = {**recall_at_k(img, txt[start:start + len(caps)], torch.tensor(owners)), "captions": len(caps)}
+        start += len(caps)
     return out
 
 

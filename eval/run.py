@@ -17,11 +17,9 @@ import torch.nn as nn
 
 from sigscale.core.distributed import DistInfo
 from sigscale.core.rundir import RunDir
-from sigscale.eval.config import DATA_KEYS, BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
+from sigscale.eval.config import BenchmarkConfig, EvalJobConfig, validate_benchmarks, validate_job
+from sigscale.eval.registry import data_path, run_benchmark
 from sigscale.eval.report import headline
-from sigscale.eval.retrieval import evaluate_shard_retrieval
-from sigscale.eval.xm3600 import evaluate_xm3600
-from sigscale.eval.zeroshot import evaluate_zeroshot
 from sigscale.pretrain.checkpoint import list_checkpoints
 from sigscale.pretrain.config import load_config
 from sigscale.pretrain.interop import load_model, resolve_checkpoint
@@ -37,23 +35,12 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: BenchmarkConfig, rank:
     """
     validate_benchmarks(cfg)
     inference_module(model)  # register FSDP hooks once, before any rank starts encoding
-    bs = cfg.batch_size
     out: Dict[str, Dict] = {}
     for name in cfg.benchmarks:
         t0 = time.perf_counter()
-        if name == "imagenet":
-            res = evaluate_zeroshot(model, tokenizer, Path(cfg.imagenet_dir), None, bs, rank, world)
-        elif name == "zeroshot":
-            res = evaluate_zeroshot(model, tokenizer, Path(cfg.classification_dir), None, bs, rank, world,
-                                    classnames=Path(cfg.classnames) if cfg.classnames else None)
-        elif name == "xm3600":
-            res = evaluate_xm3600(model, tokenizer, Path(cfg.xm3600_dir), cfg.xm3600_languages or None,
-                                  cfg.first_caption_only, bs, rank, world)
-        else:
-            res = evaluate_shard_retrieval(model, tokenizer, Path(cfg.retrieval_shards), bs, rank, world,
-                                           cfg.retrieval_max_samples)
+        res = run_benchmark(name, model, tokenizer, cfg, rank, world)
         if rank == 0:  # what was evaluated on what: the data folder travels with its numbers
-            data = str(Path(getattr(cfg, DATA_KEYS[name][0])).absolute())
+            data = str(data_path(name, cfg).absolute())
             out[name] = {**res, "data": data, "seconds": round(time.perf_counter() - t0, 2)}
     return out
 

@@ -33,7 +33,12 @@ def eval_shards(path: Path) -> List[str]:
 
 def shard_samples(path: Path) -> Iterator[Dict]:
     """Samples of all shards in order: ``{"key", "image" (bytes), "txt", "json" (dict), "cls"}``."""
-    for url in eval_shards(path):
+    return url_samples(eval_shards(path))
+
+
+def url_samples(urls: List[str]) -> Iterator[Dict]:
+    """Samples of the given shard files, in order (see :func:`shard_samples`)."""
+    for url in urls:
         def fail(exn: Exception, url: str = url) -> bool:
             raise EvalDataError(f"cannot read shard {url}: {exn}; re-run the curation step that wrote it") from exn
 

@@ -21,11 +21,9 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
-from sigscale.eval.embed import embed_images, embed_texts, eval_mode
-from sigscale.eval.retrieval import recall_at_k
+from sigscale.eval.retrieval import grouped_recall, mean_over
 from sigscale.eval.sources import EvalDataError
 from sigscale.pretrain.tokenizer import Tokenizer
 
@@ -130,24 +128,13 @@ def evaluate_xm3600(model: nn.Module, tokenizer: Tokenizer, root: Path, language
     _, paths, rows = load_xm3600(root)
     languages = list(languages) if languages else languages_in(rows)
     caps = captions_by_language(rows, languages, first_caption_only, Path(root) / "captions.jsonl")
-    # All languages' captions go through the text tower in one pass, then split.
-    texts = [t for lang in languages for t in caps[lang][0]]
-    with eval_mode(model):
-        img = embed_images(model, paths, batch_size, rank, world)
-        txt = embed_texts(model, tokenizer, texts, 4 * batch_size, rank, world)
+    per_lang = grouped_recall(model, tokenizer, paths, caps, batch_size, rank, world)
     if rank != 0:
         return {}
-    per_lang, start = {}, 0
-    for lang in languages:
-        n = len(caps[lang][0])
-        per_lang[lang] = recall_at_k(img, txt[start:start + n], torch.tensor(caps[lang][1]))
-        per_lang[lang]["captions"] = n
-        start += n
-    metrics = [m for m in next(iter(per_lang.values())) if m != "captions"]
-    mean = {m: sum(v[m] for v in per_lang.values()) / len(per_lang) for m in metrics}
+    texts = sum(len(c[0]) for c in caps.values())
     n_img = len(paths)
     return {"protocol": PROTOCOLS[first_caption_only], "first_caption_only": first_caption_only,
-            "images": n_img, "captions": len(texts), "languages": per_lang, "mean": mean,
+            "images": n_img, "captions": texts, "languages": per_lang, "mean": mean_over(per_lang),
             "missing_official_languages": [l for l in XM3600_LANGUAGES if l not in languages],
             # A random scorer: T→I R@k = k/N; I→T R@1 = mean over images of (own captions / all) = 1/N.
             "chance_r@1": 100.0 / n_img, "chance_t2i_r@10": min(100.0, 1000.0 / n_img)}

@@ -50,7 +50,8 @@ def prompts(names: Sequence[str], templates: Sequence[str]) -> List[str]:
     return [t.format(n) for n in names for t in templates]
 
 
-def _read_lines(path: Path, what: str) -> List[str]:
+def read_lines(path: Path, what: str) -> List[str]:
+    """The non-empty stripped lines of a class-names or templates file; an empty file is an error."""
     lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
     if not lines:
         raise ZeroShotError(f"{what} file {path} is empty; write one entry per line")
@@ -59,11 +60,17 @@ def _read_lines(path: Path, what: str) -> List[str]:
 
 def read_templates(path: Path) -> List[str]:
     """Prompt templates, one per line, each with one '{}' where the class name goes."""
-    templates = _read_lines(path, "templates")
+    templates = read_lines(path, "templates")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise ZeroShotError(f"templates in {path} need exactly one '{{}}' each; fix {bad[:3]}")
     return templates
+
+
+def default_templates(root: Path) -> List[str]:
+    """``root/templates.txt`` if present, else the 80 CLIP templates + '{}'."""
+    path = Path(root) / TEMPLATES_FILE
+    return read_templates(path) if path.is_file() else list(IMAGENET_TEMPLATES)
 
 
 def load_image_folder(root: Path, classnames: Optional[Path] = None) -> Tuple[List[Path], List[int], List[str]]:
@@ -82,7 +89,7 @@ def load_image_folder(root: Path, classnames: Optional[Path] = None) -> Tuple[Li
         raise ZeroShotError(f"{root} has no class sub-folders; expected e.g. {root}/n01440764/*.JPEG")
     names_path = Path(classnames) if classnames else root / CLASSNAMES_FILE
     if names_path.is_file():
-        names = _read_lines(names_path, "class-names")
+        names = read_lines(names_path, "class-names")
         if len(names) != len(dirs):
             raise ZeroShotError(f"{names_path} has {len(names)} names but {root} has {len(dirs)} class folders; "
                                 "write one name per folder, in sorted folder order")
@@ -126,7 +133,7 @@ def _label(sample: Dict, index: Dict[str, int], names_given: bool) -> object:
 
 def scan_shard_classes(shards: Path, classnames: Optional[Path] = None) -> Tuple[List[int], List[str]]:
     """Labels (sample order) and candidate class names of classification shards; reads no image."""
-    names = _read_lines(Path(classnames), "class-names") if classnames else None
+    names = read_lines(Path(classnames), "class-names") if classnames else None
     index = {n: i for i, n in enumerate(names)} if names else {}
     raw = [_label(s, index, names is not None) for s in shard_samples(shards)]
     if not raw:
@@ -182,7 +189,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer: Tokenizer, root: Path, templa
     """
     root = Path(root)
     if templates is None:
-        templates = read_templates(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else IMAGENET_TEMPLATES
+        templates = default_templates(root)
     is_shards = root.is_file() or (root.is_dir() and any(root.glob("*.tar")))
     with eval_mode(model):
         if is_shards:

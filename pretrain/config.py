@@ -140,7 +140,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Benchmarks run by ``sigscale eval`` and, every ``every_steps``, by the training loop."""
-    benchmarks: List[str] = field(default_factory=list)  # imagenet | zeroshot | xm3600 | retrieval
+    benchmarks: List[str] = field(default_factory=list)  # names in sigscale.eval.registry, or clipbench:PATH
     every_steps: int = 0  # training only; 0: at the end of training only (when benchmarks are set)
     # ImageNet val: synset folders (n01440764/...) or webdataset shards with a class per sample.
     imagenet_dir: str = ""
@@ -152,6 +152,15 @@ class EvalConfig:
     first_caption_only: bool = False  # CLIP_benchmark's XM3600 protocol instead of the SigLIP paper's
     retrieval_shards: str = ""  # a webdataset split (e.g. held-out curated shards)
     retrieval_max_samples: int = 0  # 0: all samples
+    coco_dir: str = ""  # dataset_coco.json (Karpathy splits) + images (<filepath>/<filename> or images/)
+    flickr30k_dir: str = ""  # dataset_flickr30k.json (Karpathy splits) + images
+    karpathy_split: str = "test"  # COCO 5k / Flickr30k 1k test images
+    xtd10_dir: str = ""  # the XTD10 release: test_image_names.txt + test_1kcaptions_<lang>.txt
+    xtd10_images: str = ""  # the listed MSCOCO images; empty: <xtd10_dir>/images
+    xtd10_languages: List[str] = field(default_factory=list)  # empty: every caption file present
+    babel_imagenet_labels: str = ""  # babel_imagenet.json; images from imagenet_dir
+    babel_imagenet_prompts: str = ""  # per-language templates (nllb_dist13b_prompts.json); empty: English
+    babel_imagenet_languages: List[str] = field(default_factory=list)  # empty: every language in the labels
     batch_size: int = 256
 
 

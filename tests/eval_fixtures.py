@@ -6,12 +6,20 @@
   ``caption/tokenized``, ``caption/tokenized/lowercase`` (eval/xm3600.py ``record``), and ``images/<KEY>.jpg``;
   several scripts, 1-3 captions per image and language.
 - webdataset shards (``.jpg``, ``.txt``, ``.json`` with language and class, ``.cls``) + manifest.json.
+- COCO / Flickr30k Karpathy splits: ``dataset_coco.json`` / ``dataset_flickr30k.json`` with every field of
+  the released files (``filepath`` and ``cocoid`` in COCO only), train/val/restval/test images.
+- XTD10 as in adobe-research/Cross-lingual-Test-Dataset-XTD10: ``XTD10/test_image_names.txt``,
+  ``XTD10/test_1kcaptions_<lang>.txt``, ``MIC/test_1kcaptions_de.txt``, ``STAIR/test_1kcaptions_jp.txt``.
+- Babel-ImageNet ``babel_imagenet.json`` ({LANG: [ImageNet indices, names]}) and ``nllb_dist13b_prompts.json``.
+- CLIP_benchmark webdataset tasks: classnames.txt, zeroshot_classification_templates.txt ({c}),
+  dataset_type.txt, test/nshards.txt, test/0.tar.. with webp/png/jpg images and cls or txt.
 """
 from __future__ import annotations
 
 import io
 import json
 import random
+import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -101,6 +109,111 @@ def write_eval_shards(root: Path, n: int = 20, per_shard: int = 8, size: int = 3
         records.append({"key": f"{i:06d}", "jpg": image_bytes(color, 900 + i, size), "txt": CAPTIONS[lang][color],
                         "json": {"language": lang, "class": f"{color} square"}})
     write_shards(records, root, samples_per_shard=per_shard)
+    return root
+
+
+def write_karpathy(root: Path, dataset: str, n_test: int = 6, size: int = 32, seed: int = 3) -> Path:
+    """A Karpathy-split file (every field of the release) + images; 5 captions per image, 4 splits."""
+    rng = random.Random(seed)
+    colors, images, sentid = list(COLORS), [], 0
+    for imgid, split in enumerate(["train", "val", "restval"] + ["test"] * n_test):
+        color = rng.choice(colors)
+        filename = f"COCO_val2014_{100 + imgid:012d}.jpg" if dataset == "coco" else f"{1000092795 + imgid}.jpg"
+        folder = root / "val2014" if dataset == "coco" else root / "images"  # flickr30k has no filepath
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / filename).write_bytes(image_bytes(color, seed * 100 + imgid, size))
+        # Distinct captions, as in the release: equal texts would tie, and a tie is decided by float noise.
+        raws = [f"{v.format(CAPTIONS['en'][color])} {imgid}" for v in VARIANTS] + [f"the {color} one {imgid}", f"{color} {imgid}"]
+        sentences = [{"tokens": r.lower().replace(".", "").replace(",", "").split(), "raw": r, "imgid": imgid,
+                      "sentid": sentid + j} for j, r in enumerate(raws)]
+        entry = {"filepath": "val2014", "filename": filename} if dataset == "coco" else {"filename": filename}
+        entry.update({"imgid": imgid, "split": split, "sentids": [s["sentid"] for s in sentences],
+                      "sentences": sentences})
+        if dataset == "coco":
+            entry["cocoid"] = 100 + imgid
+        images.append(entry)
+        sentid += len(raws)
+    (root / f"dataset_{dataset}.json").write_text(json.dumps({"images": images, "dataset": dataset}))
+    return root
+
+
+XTD10_FILES = {"en": "XTD10", "ru": "XTD10", "zh": "XTD10", "de": "MIC", "jp": "STAIR"}
+
+
+def write_xtd10(root: Path, n: int = 7, size: int = 32, seed: int = 5) -> Path:
+    """The XTD10 repository layout: the image list, one caption file per language aligned to it, images/."""
+    rng = random.Random(seed)
+    combos = [(c, v) for v in VARIANTS for c in COLORS]  # (colour, variant) distinct: no two equal captions
+    rng.shuffle(combos)
+    colors, variants = zip(*combos[:n])
+    names = [f"COCO_train2014_{200 + i:012d}.jpg" for i in range(n)]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (root / "images" / name).write_bytes(image_bytes(colors[i], seed * 100 + i, size))
+    for folder in set(XTD10_FILES.values()):
+        (root / folder).mkdir(exist_ok=True)
+    (root / "XTD10" / "test_image_names.txt").write_text("\n".join(names) + "\n")
+    for lang, folder in XTD10_FILES.items():
+        caps = CAPTIONS["ja" if lang == "jp" else lang]
+        lines = [v.format(caps[c]) for c, v in zip(colors, variants)]
+        (root / folder / f"test_1kcaptions_{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# Babel-ImageNet labels: EN names all three fixture classes, DE lacks goldfish, RU adds a class with no images.
+BABEL_LABELS = {"EN": [[0, 1, 151], ["tench", "goldfish", "Chihuahua"]],
+                "DE": [[0, 151], ["Schleie", "Chihuahua"]],
+                "RU": [[0, 1, 151, 500], ["линь", "золотая рыбка", "чихуахуа", "ветряная мельница"]]}
+BABEL_PROMPTS = {"DE": ["ein Foto von {}.", "{}"], "FR": ["une photo de {}."]}
+
+
+def write_babel(root: Path) -> Dict[str, Path]:
+    """``babel_imagenet.json`` and ``nllb_dist13b_prompts.json`` as released (upper-case language codes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "babel_imagenet.json").write_text(json.dumps(BABEL_LABELS, ensure_ascii=False), encoding="utf-8")
+    (root / "nllb_dist13b_prompts.json").write_text(json.dumps(BABEL_PROMPTS, ensure_ascii=False), encoding="utf-8")
+    return {"labels": root / "babel_imagenet.json", "prompts": root / "nllb_dist13b_prompts.json"}
+
+
+def _encode(color: str, seed: int, fmt: str, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(color, seed, size))).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: Dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def write_clipbench(root: Path, task: str, n: int = 12, size: int = 32, seed: int = 9) -> Path:
+    """A CLIP_benchmark webdataset task: one or two samples per shard, so 10.tar sorts before 2.tar."""
+    rng = random.Random(seed)
+    colors, fmts = list(COLORS), [("webp", "WEBP"), ("png", "PNG"), ("jpg", "JPEG")]
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    if task == "classification":
+        # A fifth class without images: candidates >= 5, so CLIP_benchmark reports top-5 too.
+        (root / "classnames.txt").write_text("\n".join(f"{c} square" for c in colors + ["grey"]) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nitap of the {c}.\n")
+    else:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    shards = [[0, 1]] + [[i] for i in range(2, n)]  # n - 1 shards
+    for s, idx in enumerate(shards):
+        members: Dict[str, bytes] = {}
+        for i in idx:
+            c = rng.randrange(len(colors))
+            ext, fmt = fmts[i % 3]
+            members[f"s{i:05d}.{ext}"] = _encode(colors[c], seed * 100 + i, fmt, size)
+            if task == "classification":
+                members[f"s{i:05d}.cls"] = str(c).encode()
+            else:
+                caps = [f"{v.format(CAPTIONS['en'][colors[c]])} {i}" for v in VARIANTS[: 1 + i % 3]]
+                members[f"s{i:05d}.txt"] = "\n".join(caps).encode()
+        _tar(root / "test" / f"{s}.tar", members)
+    (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
     return root
 
 
