@@ -275,6 +275,11 @@ def _finalize_settings(cfg: CurationConfig, parts: List[Part]) -> dict:
             "decontaminate": [str(Path(f).resolve()) for f in cfg.image.decontaminate]}
 
 
+def finalize_key(cfg: CurationConfig, parts: List[Part]) -> str:
+    """A short hash of the partitioned steps' settings: names their Slurm tasks, so a change reruns them."""
+    return config_hash(_finalize_settings(cfg, parts))[:10]
+
+
 def prepare_finalize(cfg: CurationConfig) -> Path:
     """First finalize step: its settings and the eval images' hashes; a change of settings starts it afresh."""
     parts = _finished_parts(cfg)
