@@ -8,7 +8,7 @@ import pytest
 from sigscale.curation.image_filters import contaminated, near_duplicates
 from sigscale.curation.partitions import (EVAL_DUPLICATE, NEAR_DUPLICATE, PAIRS_PER_BLOCK, band_layout, band_values,
                                           partition_drops, scatter)
-from sigscale.curation.bench import planted_candidates
+from sigscale.curation.bench import planted_candidates, render_finalize_markdown, run_finalize_bench
 
 THRESHOLD, THUMB_DIFF = 8, 3.0
 WRITERS = 3
@@ -75,3 +75,12 @@ def test_partition_task_verifies_big_band_groups_in_bounded_blocks(tmp_path):
     want = run_partitioned(frame, tmp_path / "one", 1)
     pd.testing.assert_series_equal(run_partitioned(frame, tmp_path / "small", 1, block=997), want)
     assert set(want.index) == set(planted.tolist())
+
+
+def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
+    result = run_finalize_bench(6000, threshold=3, rows_per_writer=3000, copies_per_partition=12000, near_fraction=0.1)
+    assert (result["partitions"], result["writers"], result["scatter"]["tasks"], result["near"]["tasks"]) == (2, 2, 2, 2)
+    assert result["planted"] == result["caught"] == 600 and result["false_drops"] == 0
+    assert result["near"]["peak_rss_mib_max"] > 0 and result["rows_per_second"] > 0
+    table = render_finalize_markdown([result], "sigscale bench curation --rows 6000")
+    assert "| 6,000 | 3 | 4 | 2 | 2 |" in table and "| 600 / 600 | 0 |" in table
