@@ -12,7 +12,7 @@ union over partitions is the same set for every P (and equals :func:`near_duplic
 Decontamination is row-local (a candidate against the small eval set), checked in the same tasks;
 contaminated rows take no part in the near-duplicate pairs, as in the single-process order.
 
-Memory per partition task: its share of the 9·N band copies (~800 bytes each), i.e. constant when P
+Memory per partition task: its share of the (h+1)·N band copies (~800 bytes each), i.e. constant when P
 grows with N, down to one band group (N / 2^⌊64/(h+1)⌋ rows) as the floor.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ _PARTITION_SEED = 0x5167  # fixed: every writer must send a band value to the sa
 
 def band_layout(threshold: int) -> List[Tuple[int, int]]:
     """(shift, width) of each band: h+1 bands covering 64 bits; one 64-bit band when near-duplicates are off."""
-    bands = min(max(threshold, 0) + 1, 64)
+    if threshold >= 64:  # every pair is within h: one band of no bits, one group
+        return [(0, 0)]
+    bands = max(threshold, 0) + 1
     widths = [64 // bands + (1 if k < 64 % bands else 0) for k in range(bands)]
     return [(sum(widths[:k]), w) for k, w in enumerate(widths)]
 

@@ -337,8 +337,8 @@ def near_partition(cfg: CurationConfig, k: int) -> Path:
         raise CurationError(f"{len(missing)} part(s) are not scattered yet, e.g. {missing[:3]}; run "
                             "`sigscale curate --finalize-step scatter --task I` for each part first")
     eval_set = None
-    if (folder / "eval.parquet").is_file():
-        ev = pd.read_parquet(folder / "eval.parquet")
+    ev = pd.read_parquet(folder / "eval.parquet") if (folder / "eval.parquet").is_file() else ()
+    if len(ev):  # none when no eval image decodes: nothing to check against
         eval_set = (ev["phash"].to_numpy(np.uint64), np.stack([np.frombuffer(t, np.uint8) for t in ev["thumb"]]))
     drops = partition_drops(folder / "bands", k, cfg.image.phash_threshold, cfg.image.thumb_max_diff, eval_set)
     out.parent.mkdir(exist_ok=True)

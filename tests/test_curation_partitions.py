@@ -25,7 +25,7 @@ def run_partitioned(frame: pd.DataFrame, folder, partitions: int, threshold: int
 @pytest.mark.parametrize("threshold", [0, 3, 8, 20, 63])
 def test_bands_cover_64_bits_and_close_pairs_share_one(threshold):
     layout = band_layout(threshold)
-    assert len(layout) == min(threshold + 1, 64) and sum(w for _, w in layout) == 64
+    assert len(layout) == threshold + 1 and sum(w for _, w in layout) == 64
     assert [s for s, _ in layout] == list(itertools.accumulate([0] + [w for _, w in layout[:-1]]))
     rng = np.random.default_rng(threshold)
     a = rng.integers(0, 2 ** 63, 2000, dtype=np.uint64) * np.uint64(2)
@@ -35,6 +35,13 @@ def test_bands_cover_64_bits_and_close_pairs_share_one(threshold):
     for shift, width in layout:
         shared |= band_values(a, shift, width) == band_values(b, shift, width)
     assert shared.all()  # pigeonhole: exactly `threshold` differing bits leave one of threshold+1 bands intact
+
+
+def test_threshold_64_puts_every_row_in_one_group(tmp_path):
+    frame, _ = planted_candidates(0, 50, near_fraction=0.0, seed=4)
+    frame["thumb"] = [bytes(768)] * len(frame)  # same colours: every pair is a near-duplicate
+    assert band_layout(64) == [(0, 0)]
+    assert run_partitioned(frame, tmp_path, 3, threshold=64).index.tolist() == list(range(1, 50))
 
 
 def test_planted_near_duplicates_caught_with_no_false_drops_for_any_partition_count(tmp_path):
