@@ -1,16 +1,32 @@
-"""Curation throughput: the text stage in captions/s and img2dataset end to end in images/s, on loopback.
+"""Curation throughput: end to end on loopback, and the partitioned finalize on synthetic metadata.
 
-Curates a generated list served by :mod:`sigscale.curation.serve` with the demo config and reads
-the timings the pipeline records in stats.json (img2dataset's worker start-up included).
+``run_curation_bench`` curates a generated list served by :mod:`sigscale.curation.serve` with the
+demo config and reads the timings the pipeline records in stats.json (img2dataset's worker
+start-up included). ``run_finalize_bench`` runs the partitioned near-duplicate steps
+(:mod:`sigscale.curation.partitions`) on metadata-only candidates with planted near-duplicates,
+each task in a fresh process, and reports every task's peak RSS, rows/s and the planted rows caught.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from sigscale.curation.image_filters import THUMB
+from sigscale.curation.partitions import band_layout, partition_drops, scatter
+
+THUMB_BYTES = THUMB * THUMB * 3
+THUMB_MAX_DIFF = 3.0
 
 
 def run_curation_bench(out_json: Optional[str | Path] = None, rows: int = 16384, processes: int = 2,
@@ -42,3 +58,110 @@ def run_curation_bench(out_json: Optional[str | Path] = None, rows: int = 16384,
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def planted_rows(start: int, n: int, near_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(copy rows, their source rows) planted among rows [start, start + n): each source is an earlier non-copy row."""
+    rng = np.random.default_rng([seed, start])
+    copies = np.sort(rng.choice(np.arange(1, n), int(near_fraction * n), replace=False))
+    originals = np.setdiff1d(np.arange(n), copies)
+    # Source: a random original before the copy (there is one: row 0 of the chunk is never a copy).
+    before = np.searchsorted(originals, copies)
+    sources = originals[(rng.random(len(copies)) * before).astype(np.int64)]
+    return copies + start, sources + start
+
+
+def planted_candidates(start: int, n: int, near_fraction: float, seed: int,
+                       threshold: int = 8) -> Tuple[pd.DataFrame, np.ndarray]:
+    """Metadata-only candidates (row, phash, thumb) for rows [start, start + n) with planted near-duplicates.
+
+    Distinct rows get uniform random pHashes and thumbnails (so the colour check rejects chance pHash
+    matches); a copy takes its source's pHash with 0..threshold bits flipped and its thumbnail +-1 per
+    value. Returns the frame and the copies' rows: exactly the rows the pair rule must drop.
+    """
+    rng = np.random.default_rng([seed, start, 1])
+    hashes = rng.integers(0, 2 ** 63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    thumbs = np.frombuffer(rng.bytes(n * THUMB_BYTES), np.uint8).reshape(n, THUMB_BYTES).copy()
+    copies, sources = planted_rows(start, n, near_fraction, seed)
+    c, s = copies - start, sources - start
+    flips = np.zeros(len(c), np.uint64)
+    for k in range(threshold):  # bit k of the flip mask set with probability 1/2, at a random position
+        on = rng.random(len(c)) < 0.5
+        flips[on] |= np.left_shift(np.uint64(1), rng.integers(0, 64, on.sum()).astype(np.uint64))
+    hashes[c] = hashes[s] ^ flips
+    noise = rng.integers(-1, 2, (len(c), THUMB_BYTES))
+    thumbs[c] = np.clip(thumbs[s].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    frame = pd.DataFrame({"row": np.arange(start, start + n, dtype=np.int64), "phash": hashes,
+                          "thumb": [t.tobytes() for t in thumbs]})
+    return frame, copies
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (ru_maxrss, KiB on Linux) in MiB: glibc malloc, freed memory included."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _scatter_task(folder: str, writer: int, start: int, n: int, partitions: int, threshold: int,
+                  near_fraction: float, seed: int) -> dict:
+    """One download part's share: generate its candidates and write their band copies."""
+    t0 = time.perf_counter()
+    frame, _ = planted_candidates(start, n, near_fraction, seed, threshold)
+    copies = scatter(frame, Path(folder) / "bands", writer, partitions, threshold)
+    return {"rows": n, "copies": copies, "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _near_task(folder: str, k: int, threshold: int) -> dict:
+    """One partition: its near-duplicate drops, written to drops/."""
+    t0 = time.perf_counter()
+    drops = partition_drops(Path(folder) / "bands", k, threshold, THUMB_MAX_DIFF)
+    drops.to_parquet(Path(folder) / "drops" / f"p{k:05d}.parquet", index=False)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _step(results: List[dict], wall: float, rows: int) -> dict:
+    return {"tasks": len(results), "wall_seconds": round(wall, 1), "rows_per_second": round(rows / wall, 1),
+            "task_seconds_max": round(max(r["seconds"] for r in results), 2),
+            "peak_rss_mib_max": max(r["peak_rss_mib"] for r in results),
+            "peak_rss_mib_median": float(np.median([r["peak_rss_mib"] for r in results]))}
+
+
+def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100_000,
+                       copies_per_partition: int = 400_000, near_fraction: float = 0.05, workers: int = 2,
+                       seed: int = 0) -> dict:
+    """Partitioned near-duplicate finalize over ``rows`` synthetic candidates: per-task peak RSS, rows/s, recall."""
+    bands = len(band_layout(threshold))
+    partitions = max(1, math.ceil(rows * bands / copies_per_partition))  # P grows with N: fixed copies per task
+    chunks = [(w, start, min(rows_per_writer, rows - start)) for w, start in enumerate(range(0, rows, rows_per_writer))]
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    with tempfile.TemporaryDirectory() as tmp, pool:
+        (Path(tmp) / "drops").mkdir()
+        t0 = time.perf_counter()
+        scattered = list(pool.map(_scatter_task, *zip(*[(tmp, w, s, n, partitions, threshold, near_fraction, seed)
+                                                        for w, s, n in chunks])))
+        t1 = time.perf_counter()
+        near = list(pool.map(_near_task, [tmp] * partitions, range(partitions), [threshold] * partitions))
+        t2 = time.perf_counter()
+        dropped = pd.concat([pd.read_parquet(p) for p in sorted((Path(tmp) / "drops").glob("*.parquet"))])["row"]
+    planted = np.concatenate([planted_rows(s, n, near_fraction, seed)[0] for _, s, n in chunks])
+    dropped = np.unique(dropped.to_numpy(np.int64))
+    return {"rows": rows, "phash_threshold": threshold, "bands": bands, "partitions": partitions,
+            "writers": len(chunks), "workers": workers, "cpus": os.cpu_count(),
+            "copies_per_partition": round(sum(r["copies"] for r in scattered) / partitions),
+            "scatter": _step(scattered, t1 - t0, rows), "near": _step(near, t2 - t1, rows),
+            "rows_per_second": round(rows / (t2 - t0), 1), "planted": len(planted),
+            "caught": int(np.isin(planted, dropped).sum()), "false_drops": int((~np.isin(dropped, planted)).sum())}
+
+
+def render_finalize_markdown(results: List[dict], command: str) -> str:
+    """The BENCHMARKS.md table of :func:`run_finalize_bench` results, with the command that made it."""
+    lines = [f"`{command}`", "",
+             "| rows | pHash h | bands | partitions | scatter tasks | peak RSS / scatter task (MiB, max) "
+             "| peak RSS / near task (MiB, max) | scatter rows/s | near rows/s | end-to-end rows/s "
+             "| planted caught | false drops |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['phash_threshold']} | {r['bands']} | {r['partitions']} | {r['writers']} "
+                     f"| {r['scatter']['peak_rss_mib_max']} | {r['near']['peak_rss_mib_max']} "
+                     f"| {r['scatter']['rows_per_second']:,} | {r['near']['rows_per_second']:,} "
+                     f"| {r['rows_per_second']:,} | {r['caught']:,} / {r['planted']:,} | {r['false_drops']} |")
+    return "\n".join(lines) + "\n"

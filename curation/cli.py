@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from sigscale.curation.config import FINALIZE_STEPS
+
 
 def cmd_curate(args: argparse.Namespace) -> int:
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.pipeline import curate, finalize, plan_parts, run_part
+    from sigscale.curation.pipeline import (curate, finalize, near_partition, plan_parts, prepare_finalize, run_part,
+                                            scatter_part)
 
     cfg = load_curation_config(args.config, args.overrides)
     if args.plan:
@@ -20,6 +23,11 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
             raise CurationError(f"--part {args.part} is out of range: the URL list has {len(parts)} part(s) (0..{len(parts) - 1})")
         print(f"part done: {run_part(cfg, parts[args.part])}")
+        return 0
+    if args.finalize_step:
+        step = {"prepare": lambda: prepare_finalize(cfg), "scatter": lambda: scatter_part(cfg, args.task),
+                "near": lambda: near_partition(cfg, args.task)}[args.finalize_step]
+        print(f"finalize step {args.finalize_step} done: {step()}")
         return 0
     out = finalize(cfg) if args.finalize else curate(cfg)
     print(f"shards, manifest.json, stats.json, report.md, report.html: {out}")
@@ -34,3 +42,6 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     mode.add_argument("--plan", action="store_true", help="only split the URL list into parts")
     mode.add_argument("--part", type=int, help="run only this part (one Slurm array task); skips it when done")
     mode.add_argument("--finalize", action="store_true", help="only merge the finished parts into shards")
+    mode.add_argument("--finalize-step", choices=FINALIZE_STEPS,
+                      help="one partitioned finalize task: prepare (once), scatter --task PART, near --task PARTITION")
+    p.add_argument("--task", type=int, default=0, help="task index of --finalize-step (a part or a partition)")

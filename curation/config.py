@@ -119,6 +119,10 @@ class BalanceConfig:
     seed: int = 0
 
 
+# The partitioned finalize's steps as `sigscale curate --finalize-step` names them (curation/pipeline.py runs them).
+FINALIZE_STEPS = ("prepare", "scatter", "near")
+
+
 @dataclass
 class OutputConfig:
     dir: str = ""
@@ -127,6 +131,7 @@ class OutputConfig:
     corpus: bool = True  # write captions.txt for tokenizer training
     plots: bool = True
     keep_downloads: bool = False  # keep img2dataset's raw output inside each part
+    finalize_partitions: int = 1  # pHash-band partitions of the near-duplicate/decontamination step (one task each)
 
 
 @dataclass
@@ -223,7 +228,7 @@ def validate(cfg: CurationConfig) -> None:
         raise ConfigError(f"balance.temperature={b.temperature} must be positive")
     if b.mode == "metadata":
         _validate_metadata(b)
-    for key in ("samples_per_shard", "rows_per_part"):
+    for key in ("samples_per_shard", "rows_per_part", "finalize_partitions"):
         if getattr(o, key) <= 0:
             raise ConfigError(f"output.{key}={getattr(o, key)} must be positive")
 

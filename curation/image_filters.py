@@ -49,7 +49,7 @@ def hash_image(source: bytes | Path) -> Tuple[int, bytes]:
     return int.from_bytes(np.packbits(bits).tobytes(), "big"), thumb
 
 
-def _expand(lo: np.ndarray, hi: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def expand_ranges(lo: np.ndarray, hi: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(query index, position) for every position in each half-open range [lo, hi)."""
     counts = hi - lo
     q = np.repeat(np.arange(len(lo)), counts)
@@ -85,7 +85,7 @@ def _pairs_index(a: np.ndarray, b: np.ndarray, threshold: int, self_pairs: bool,
             qa = ((a[start:start + block] >> shift) & np.uint64(0xFFFF)).astype(np.int64)
             for mask in masks:
                 q = qa ^ mask
-                qi, pos = _expand(np.searchsorted(keys, q, "left"), np.searchsorted(keys, q, "right"))
+                qi, pos = expand_ranges(np.searchsorted(keys, q, "left"), np.searchsorted(keys, q, "right"))
                 i, j = qi + start, order[pos]
                 close = np.bitwise_count(a[i] ^ b[j]) <= threshold
                 if self_pairs:
@@ -111,7 +111,8 @@ def close_pairs(a: np.ndarray, b: Optional[np.ndarray], threshold: int, method: 
     return pairs[:, 1], pairs[:, 0]
 
 
-def _same_colours(thumbs_a: np.ndarray, thumbs_b: np.ndarray, i: np.ndarray, j: np.ndarray, limit: float) -> np.ndarray:
+def same_colours(thumbs_a: np.ndarray, thumbs_b: np.ndarray, i: np.ndarray, j: np.ndarray, limit: float) -> np.ndarray:
+    """Whether thumbs_a[i] and thumbs_b[j] differ by at most ``limit`` on average (a negative limit: always)."""
     if limit < 0:
         return np.ones(len(i), dtype=bool)
     diff = np.abs(thumbs_a[i].astype(np.int16) - thumbs_b[j].astype(np.int16)).mean(axis=1)
@@ -120,16 +121,16 @@ def _same_colours(thumbs_a: np.ndarray, thumbs_b: np.ndarray, i: np.ndarray, j: 
 
 def near_duplicates(hashes: np.ndarray, thumbs: np.ndarray, threshold: int, thumb_max_diff: float,
                     method: str = "auto") -> np.ndarray:
-    """Mask of items to drop: each item close to an earlier item that is itself kept."""
+    """Mask of items to drop: each item close to any earlier item, kept or not.
+
+    Judging pairs only (not against the items an earlier decision kept) makes the result
+    independent of how the items are split into partitions (see :mod:`sigscale.curation.partitions`).
+    """
     dropped = np.zeros(len(hashes), dtype=bool)
     if threshold < 0:
         return dropped
     i, j = close_pairs(hashes, None, threshold, method)
-    ok = _same_colours(thumbs, thumbs, i, j, thumb_max_diff)
-    # Pairs arrive sorted by j, so every i < j has its final verdict when j is decided.
-    for a, b in zip(i[ok].tolist(), j[ok].tolist()):
-        if not dropped[a]:
-            dropped[b] = True
+    dropped[j[same_colours(thumbs, thumbs, i, j, thumb_max_diff)]] = True
     return dropped
 
 
@@ -140,7 +141,7 @@ def contaminated(hashes: np.ndarray, thumbs: np.ndarray, eval_hashes: np.ndarray
     if threshold < 0 or len(eval_hashes) == 0:
         return hit
     i, j = close_pairs(hashes, eval_hashes, threshold, method)
-    ok = _same_colours(thumbs, eval_thumbs, i, j, thumb_max_diff)
+    ok = same_colours(thumbs, eval_thumbs, i, j, thumb_max_diff)
     hit[i[ok]] = True
     return hit
 

@@ -30,9 +30,9 @@ from sigscale.core.manifest import write_shards
 from sigscale.curation.balance import BALANCE_REASONS, METADATA_UNMATCHED, balance, metadata_balance
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
-from sigscale.curation.image_filters import (IMAGE_REASONS, check_images, contaminated, eval_images, hash_files,
-                                            near_duplicates)
+from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
+from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE, PARTITION_REASONS, partition_drops, scatter
 from sigscale.curation.report import write_report
 from sigscale.curation.sources import list_files, read_url_list
 from sigscale.curation.text_filters import (TEXT_REASONS, cleaned_counts, filter_text, language_outcomes,
@@ -46,10 +46,12 @@ SAMPLES = "samples.parquet"  # a part's first dropped images per image-stage rea
 SAMPLES_PER_REASON = 8
 KEPT_SAMPLES = 24
 # Drop reasons of the finalize step; with the text, download and image stages' these are every reason there is.
-EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE = "eval_duplicate", "near_duplicate", "low_score", "balance"
-FINALIZE_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE, BALANCE)
+LOW_SCORE, BALANCE = "low_score", "balance"
+FINALIZE_REASONS = (*PARTITION_REASONS, LOW_SCORE, BALANCE)
 # A URL reason can come from the text stage or, at fetch time, from the download: listed once.
 DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS + BALANCE_REASONS))
+# The partitioned finalize's work folder: settings.json, eval.parquet, bands/pNNNNN/, scattered/, drops/.
+FINALIZE_DIR = "finalize"
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
          "thumb", "score", "final_url"]
@@ -241,26 +243,11 @@ def short_side_histogram(short_sides) -> Dict[str, int]:
     return {label: int(c) for label, c in zip(labels, counts)}
 
 
-def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> Tuple[pd.Series, dict]:
-    """Drop reason per candidate (None: kept) from the merge-time filters, in order, and the metadata balance's summary."""
-
-
+def _final_drops(meta: pd.DataFrame, cfg: CurationConfig, early: pd.DataFrame) -> Tuple[pd.Series, dict]:
+    """Drop reason per candidate (None: kept): the partitioned steps' ``early`` drops, then score and balance."""
     im = cfg.image
-    reason = pd.Series(None, index=meta.index, dtype=object)
-    hashes = meta["phash"].to_numpy(np.uint64)
-    thumbs = np.stack([np.frombuffer(t, np.uint8) for t in meta["thumb"]]) if len(meta) else np.zeros((0, 768), np.uint8)
-    if im.decontaminate:
-        paths = eval_images(im.decontaminate)
-        if not paths:
-            raise CurationError(f"image.decontaminate folders {im.decontaminate} hold no images; check the paths")
-        eval_hashes, eval_thumbs, bad = hash_files(paths)
-        if bad:
-            print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
-        threshold = max(im.phash_threshold, 0)  # near-duplicate removal off still leaves exact pHash matches
-        reason[contaminated(hashes, thumbs, eval_hashes, eval_thumbs, threshold, im.thumb_max_diff)] = EVAL_DUPLICATE
-    alive = reason.isna().to_numpy()
-    dup = near_duplicates(hashes[alive], thumbs[alive], im.phash_threshold, im.thumb_max_diff)
-    reason[np.flatnonzero(alive)[dup]] = NEAR_DUPLICATE
+    reason = pd.Series(meta["row"].map(early.set_index("row")["reason"]).to_numpy(object), index=meta.index,
+                       dtype=object)
     score = meta["score"].to_numpy(np.float64)
     if im.score.min_score is not None:
         reason[(score < im.score.min_score) & reason.isna().to_numpy()] = LOW_SCORE
@@ -282,6 +269,99 @@ def _final_drops(meta: pd.DataFrame, cfg: CurationConfig) -> Tuple[pd.Series, di
     return reason, {}
 
 
+def _finalize_settings(cfg: CurationConfig, parts: List[Part]) -> dict:
+    return {"partitions": cfg.output.finalize_partitions, "phash_threshold": cfg.image.phash_threshold,
+            "thumb_max_diff": cfg.image.thumb_max_diff, "parts": [p.name for p in parts],
+            "decontaminate": [str(Path(f).resolve()) for f in cfg.image.decontaminate]}
+
+
+def finalize_key(cfg: CurationConfig, parts: List[Part]) -> str:
+    """A short hash of the partitioned steps' settings: names their Slurm tasks, so a change reruns them."""
+    return config_hash(_finalize_settings(cfg, parts))[:10]
+
+
+def prepare_finalize(cfg: CurationConfig) -> Path:
+    """First finalize step: its settings and the eval images' hashes; a change of settings starts it afresh."""
+    parts = _finished_parts(cfg)
+    folder = cfg.work_dir / FINALIZE_DIR
+    settings = _finalize_settings(cfg, parts)
+    if (folder / "settings.json").is_file() and json.loads((folder / "settings.json").read_text()) == settings:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if cfg.image.decontaminate:
+        paths = eval_images(cfg.image.decontaminate)
+        if not paths:
+            raise CurationError(f"image.decontaminate folders {cfg.image.decontaminate} hold no images; check the paths")
+        hashes, thumbs, bad = hash_files(paths)
+        if bad:
+            print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
+        pd.DataFrame({"phash": hashes, "thumb": [t.tobytes() for t in thumbs]}).to_parquet(folder / "eval.parquet")
+    _write_json(folder / "settings.json", settings)
+    return folder
+
+
+def _prepared(cfg: CurationConfig) -> Path:
+    """The finalize folder, once prepare_finalize ran with the current settings."""
+    folder = cfg.work_dir / FINALIZE_DIR
+    path = folder / "settings.json"
+    if not path.is_file() or json.loads(path.read_text()) != _finalize_settings(cfg, _finished_parts(cfg)):
+        raise CurationError(f"{folder} is not prepared for these settings; run `sigscale curate --finalize-step "
+                            "prepare` (same config) first")
+    return folder
+
+
+def scatter_part(cfg: CurationConfig, index: int) -> Path:
+    """Finalize step per download part: its candidates' band copies into the partitions (skipped when done)."""
+    folder = _prepared(cfg)
+    parts = _finished_parts(cfg)
+    part = parts[_task_index(index, len(parts), "scatter")]
+    marker = folder / "scattered" / part.name
+    if not marker.is_file():
+        cands = pd.read_parquet(_part_dir(cfg, part) / "candidates.parquet", columns=["row", "phash", "thumb"])
+        copies = scatter(cands, folder / "bands", part.index, cfg.output.finalize_partitions, cfg.image.phash_threshold)
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(str(copies))
+    return marker
+
+
+def near_partition(cfg: CurationConfig, k: int) -> Path:
+    """Finalize step per partition: its eval and near duplicates into drops/ (skipped when done)."""
+    folder = _prepared(cfg)
+    k = _task_index(k, cfg.output.finalize_partitions, "near")
+    out = folder / "drops" / f"p{k:05d}.parquet"
+    if out.is_file():
+        return out
+    missing = [p.name for p in _finished_parts(cfg) if not (folder / "scattered" / p.name).is_file()]
+    if missing:
+        raise CurationError(f"{len(missing)} part(s) are not scattered yet, e.g. {missing[:3]}; run "
+                            "`sigscale curate --finalize-step scatter --task I` for each part first")
+    eval_set = None
+    ev = pd.read_parquet(folder / "eval.parquet") if (folder / "eval.parquet").is_file() else ()
+    if len(ev):  # none when no eval image decodes: nothing to check against
+        eval_set = (ev["phash"].to_numpy(np.uint64), np.stack([np.frombuffer(t, np.uint8) for t in ev["thumb"]]))
+    drops = partition_drops(folder / "bands", k, cfg.image.phash_threshold, cfg.image.thumb_max_diff, eval_set)
+    out.parent.mkdir(exist_ok=True)
+    drops.to_parquet(out.with_suffix(".tmp"), index=False)
+    out.with_suffix(".tmp").replace(out)
+    return out
+
+
+def _task_index(index: int, count: int, step: str) -> int:
+    if not 0 <= index < count:
+        raise CurationError(f"--task {index} is out of range for the {step} step: it has {count} task(s) (0..{count - 1})")
+    return index
+
+
+def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> pd.DataFrame:
+    """Run here every partitioned step not yet done; returns the union of their drops (row, reason)."""
+    prepare_finalize(cfg)
+    for part in parts:
+        scatter_part(cfg, part.index)
+    paths = [near_partition(cfg, k) for k in range(cfg.output.finalize_partitions)]
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True).drop_duplicates("row")
+
+
 def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator[dict]:
     for part in parts:
         df = pd.read_parquet(_part_dir(cfg, part) / "candidates.parquet")
@@ -299,28 +379,34 @@ def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator
             yield {"key": f"{int(r.row):012d}", "jpg": r.jpg, "txt": r.caption, "json": meta}
 
 
-def finalize(cfg: CurationConfig) -> Path:
-    """Merge finished parts into shards, manifest.json, stats.json, captions.txt, report.md and report.html."""
-
-
+def _finished_parts(cfg: CurationConfig) -> List[Part]:
+    """The planned parts, once every one of them is finished; else a CurationError that says what to run."""
     plan_path = cfg.work_dir / PLAN
     if not plan_path.is_file():
         raise CurationError(f"no {PLAN} in {cfg.work_dir}; run `sigscale curate` (it plans and runs the parts) first")
-    plan = json.loads(plan_path.read_text())
-    parts = _parts_from(plan)
+    parts = _parts_from(json.loads(plan_path.read_text()))
     missing = [p.name for p in parts if not (_part_dir(cfg, p) / DONE).is_file()]
     if missing:
         raise CurationError(
             f"{len(missing)} of {len(parts)} part(s) are not finished, e.g. {missing[:3]}; run them "
             "(`sigscale curate --config ...`, or the Slurm array) before finalizing"
         )
+    return parts
+
+
+def finalize(cfg: CurationConfig) -> Path:
+    """Merge finished parts into shards, manifest.json, stats.json, captions.txt, report.md and report.html."""
+
+
+    parts = _finished_parts(cfg)
+    plan = json.loads((cfg.work_dir / PLAN).read_text())
     t0 = time.perf_counter()
     done = [json.loads((_part_dir(cfg, p) / DONE).read_text()) for p in parts]
     drops = [pd.read_parquet(cfg.work_dir / "plan_drops.parquet")]
     drops += [pd.read_parquet(_part_dir(cfg, p) / "drops.parquet") for p in parts]
     meta = pd.concat([pd.read_parquet(_part_dir(cfg, p) / "candidates.parquet", columns=_META) for p in parts],
                      ignore_index=True).sort_values("row", ignore_index=True)
-    reason, metadata_summary = _final_drops(meta, cfg)
+    reason, metadata_summary = _final_drops(meta, cfg, run_finalize_steps(cfg, parts))
     kept = meta[reason.isna()]
     drops.append(pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]}))
     drops = pd.concat(drops, ignore_index=True)

@@ -192,9 +192,17 @@ def _bench_bound(args: argparse.Namespace) -> int:
 
 
 def _bench_curation(args: argparse.Namespace) -> int:
-    from sigscale.curation.bench import run_curation_bench
+    from sigscale.curation.bench import render_finalize_markdown, run_curation_bench, run_finalize_bench
 
-    print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
+    if not args.rows:
+        print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
+        return 0
+    threshold = 3 if args.phash_threshold is None else args.phash_threshold
+    results = [run_finalize_bench(int(n), threshold=threshold) for n in args.rows.split(",")]
+    out = Path(args.out or "bench_results/curation_finalize.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(render_finalize_markdown(results, "sigscale bench " + " ".join(sys.argv[2:])))
     return 0
 
 
@@ -280,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int)
     b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
     b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    b.add_argument("--rows", help="curation: comma-separated candidate counts for the partitioned finalize on "
+                   "synthetic metadata, e.g. 1000000,4000000 (without it: the loopback end-to-end bench)")
+    b.add_argument("--phash-threshold", type=int, help="curation --rows: pHash Hamming threshold (default 3)")
     b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
     b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
     b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")

@@ -59,8 +59,8 @@ def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False,
     return sub
 
 
-def _then(first: Submission, kind: str, task: ArrayTask, cluster: str, res: Resources) -> Submission:
-    """Submit ``task`` to run once every job of ``first`` succeeded; returns both as one submission."""
+def _then(first: Submission, kind: str, tasks: Sequence[ArrayTask], cluster: str, res: Resources) -> Submission:
+    """Submit ``tasks`` (one capped array) to run once every job of ``first`` succeeded; returns both as one."""
     if first.jobs and cluster == "local":
         wait(first)  # a failed part stops here, naming it and its log
     if first.jobs and cluster == "slurm":
@@ -68,14 +68,16 @@ def _then(first: Submission, kind: str, task: ArrayTask, cluster: str, res: Reso
         # afterok on the array id waits for all its tasks; if one fails Slurm drops this job too.
         res = dataclasses.replace(res, extra={**res.extra, "dependency": "afterok:" + ":".join(array_ids),
                                               "kill-on-invalid-dep": "yes"})
-    last = submit_array(first.run_dir, kind, [task], cluster, dataclasses.replace(res, array_parallelism=1))
+    last = submit_array(first.run_dir, kind, tasks, cluster,
+                        res if len(tasks) > 1 else dataclasses.replace(res, array_parallelism=1))
     return Submission(first.run_dir, first.kind, cluster, first.folder, first.names + last.names,
                       first.jobs + last.jobs, first.skipped + last.skipped)
 
 
 def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """One array task per URL-list part (``curation.pipeline.run_part``), then one ``finalize`` job."""
-    from sigscale.curation.pipeline import finalize, plan_parts, run_part
+    """Arrays chained by afterok: a task per URL-list part, prepare, scatter per part, near per partition, finalize."""
+    from sigscale.curation.pipeline import (finalize, finalize_key, near_partition, plan_parts, prepare_finalize,
+                                            run_part, scatter_part)
 
     run_dir = Path(cfg.output.dir).absolute()
     cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
@@ -87,7 +89,15 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
     sub = submit_array(run_dir, "curate", tasks, cluster, res, dry_run)
     if dry_run:
         return sub
-    return _then(sub, "curate-finalize", ArrayTask("finalize", finalize, (cfg,)), cluster, res)
+    key = finalize_key(cfg, parts)  # a finalize-only setting changed: its steps' names (and done markers) change
+    steps = [("prepare", [ArrayTask(f"prepare-{key}", prepare_finalize, (cfg,))]),
+             ("scatter", [ArrayTask(f"scatter-{key}-{p.name}", scatter_part, (cfg, p.index)) for p in parts]),
+             ("near", [ArrayTask(f"near-{key}-p{k:05d}", near_partition, (cfg, k))
+                       for k in range(cfg.output.finalize_partitions)]),
+             ("finalize", [ArrayTask("finalize", finalize, (cfg,))])]
+    for kind, step in steps:
+        sub = _then(sub, f"curate-{kind}", step, cluster, res)
+    return sub
 
 
 def _slug(text: str) -> str:
@@ -150,4 +160,4 @@ def submit_eval(config: str, overrides: Sequence[str], cluster: str, res: Resour
     sub = submit_array(run_dir, "eval", tasks, cluster, res, dry_run)
     if dry_run:
         return sub
-    return _then(sub, "eval-report", ArrayTask("report", eval_report, (job, parts)), cluster, res)
+    return _then(sub, "eval-report", [ArrayTask("report", eval_report, (job, parts))], cluster, res)

@@ -60,14 +60,15 @@ def test_close_pairs_all_pairs_and_index_match_brute_force(threshold):
     assert len(close_pairs(queries, big, threshold, "index")[0]) >= (50 if threshold >= 1 else 0)
 
 
-def test_near_duplicates_keep_the_first_and_judge_chains_against_kept_items():
+def test_near_duplicates_drop_every_item_with_an_earlier_close_item_dropped_or_not():
     a = 0
     b = a ^ 0b1111  # 4 bits from a
     c = b ^ (0b1111 << 8)  # 4 bits from b, 8 from a
     d = 0xFFFFFFFF00000000  # 32+ bits from all
     thumbs = np.zeros((4, 768), np.uint8)
     dropped = near_duplicates(np.array([a, b, c, d], dtype=np.uint64), thumbs, 5, 3.0)
-    assert dropped.tolist() == [False, True, False, False]  # c's only close item (b) was dropped
+    # c's only close item (b) is itself dropped; the pair rule still drops c, so no partitioning changes the answer.
+    assert dropped.tolist() == [False, True, True, False]
     assert near_duplicates(np.array([a, a], dtype=np.uint64), thumbs[:2], -1, 3.0).tolist() == [False, False]
 
 
@@ -205,10 +206,11 @@ def test_score_thresholds_and_top_fraction_at_merge(tmp_path):
     })
     cfg = CurationConfig()
     cfg.image.phash_threshold = -1
+    no_early_drops = pd.DataFrame({"row": np.zeros(0, np.int64), "reason": np.zeros(0, object)})  # as with h=-1
     cfg.image.score = ScoreConfig(model="m", min_score=0.25)
-    assert _final_drops(meta, cfg)[0].notna().sum() == 2  # 0.1 and 0.2
+    assert _final_drops(meta, cfg, no_early_drops)[0].notna().sum() == 2  # 0.1 and 0.2
     cfg.image.score = ScoreConfig(model="m", top_fraction=0.3)
-    reason, _ = _final_drops(meta, cfg)
+    reason, _ = _final_drops(meta, cfg, no_early_drops)
     assert meta["row"][reason.isna()].tolist() == [2, 5, 7] and set(reason.dropna()) == {"low_score"}
 
 

@@ -7,6 +7,7 @@ import signal
 import tarfile
 from html.parser import HTMLParser
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from PIL import Image
 from sigscale.cli import main
 from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
+from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
 from sigscale.curation.pipeline import curate, finalize, load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
@@ -304,3 +306,54 @@ def test_rows_of_a_lost_img2dataset_shard_are_counted_not_lost(curated, tmp_path
     assert len(broken) == len(rows)
     assert set(broken.index[broken["reason"] == "download_missing"]) == set(rows["row"]) - set(survivors)
     assert broken.loc[survivors].equals(intact.loc[survivors])
+
+
+def test_partition_count_does_not_change_any_outcome_and_steps_run_per_task(curated, monkeypatch, capsys):
+    monkeypatch.setattr("sigscale.curation.download.download", lambda *a, **k: pytest.fail("downloaded"))
+    d, before = curated["dir"], load_outcomes(curated["out"])
+    assert (before["reason"] == "near_duplicate").sum() >= 5 and (before["reason"] == "eval_duplicate").sum() >= 3
+    args = ["curate", "--config", "demo", *overrides(d, ["output.finalize_partitions=5"])]
+    try:
+        assert main([*args, "--finalize-step", "near", "--task", "0"]) == 2
+        assert "is not prepared for these settings" in capsys.readouterr().err
+        assert main([*args, "--finalize-step", "prepare"]) == 0
+        assert main([*args, "--finalize-step", "near", "--task", "0"]) == 2
+        assert "2 part(s) are not scattered yet" in capsys.readouterr().err
+        for part in range(2):
+            assert main([*args, "--finalize-step", "scatter", "--task", str(part)]) == 0
+        assert main([*args, "--finalize-step", "near", "--task", "5"]) == 2
+        for k in range(5):
+            assert main([*args, "--finalize-step", "near", "--task", str(k)]) == 0
+        assert len(list((d / "out" / "work" / "finalize" / "drops").glob("p*.parquet"))) == 5
+        assert main([*args, "--finalize"]) == 0
+        pd.testing.assert_frame_equal(load_outcomes(curated["out"]), before)
+        finalize(load_curation_config("demo", overrides(d, ["output.finalize_partitions=16"])))
+        pd.testing.assert_frame_equal(load_outcomes(curated["out"]), before)
+    finally:
+        finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+
+
+def greedy_near_duplicates(hashes, thumbs, threshold, thumb_max_diff):
+    """The rule finalize used before partitioning: drop an item close to an earlier item that is itself kept."""
+    i, j = close_pairs(hashes, None, threshold)
+    ok = same_colours(thumbs, thumbs, i, j, thumb_max_diff)
+    dropped = np.zeros(len(hashes), dtype=bool)
+    for a, b in zip(i[ok].tolist(), j[ok].tolist()):
+        dropped[b] |= not dropped[a]
+    return dropped, i[ok], j[ok]
+
+
+def test_pair_rule_keeps_what_the_greedy_rule_kept_except_chains(curated):
+    cfg, out = curated["cfg"], curated["out"]
+    outcome = load_outcomes(out).set_index("row")["reason"]
+    cands = pd.concat([pd.read_parquet(p / "candidates.parquet", columns=["row", "phash", "thumb"])
+                       for p in sorted((cfg.work_dir / "parts").glob("part-*"))]).sort_values("row")
+    cands = cands[outcome.reindex(cands["row"]).ne("eval_duplicate").to_numpy()]
+    hashes = cands["phash"].to_numpy(np.uint64)
+    thumbs = np.stack([np.frombuffer(t, np.uint8) for t in cands["thumb"]])
+    greedy, i, j = greedy_near_duplicates(hashes, thumbs, cfg.image.phash_threshold, cfg.image.thumb_max_diff)
+    now = outcome.reindex(cands["row"]).eq("near_duplicate").to_numpy()
+    assert not (greedy & ~now).any()  # the pair rule drops everything the greedy rule dropped
+    for b in np.flatnonzero(now & ~greedy):  # and more only where every earlier close item is itself dropped
+        assert greedy[i[j == b]].all()
+    assert now.sum() >= 5

@@ -173,15 +173,20 @@ def _times(job_id: str, field: str, duplicates: bool = False) -> list:
 def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
     from sigscale.curation.config import load_curation_config
     from sigscale.core.manifest import load_manifest
+    from sigscale.curation.pipeline import finalize_key, plan_parts
     from sigscale.curation.serve import ImageServer, write_url_list
 
     with ImageServer() as server:
         urls = write_url_list(tmp_path / "urls.parquet", 60, server.base_url, seed=3)
         cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={tmp_path / 'curated'}",
                                             "output.rows_per_part=20", "download.processes=1",
-                                            "download.threads=4", "output.plots=false"])
+                                            "download.threads=4", "output.plots=false",
+                                            "output.finalize_partitions=2"])
         sub = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
-        assert sub.names == ["part-00000", "part-00001", "part-00002", "finalize"]
+        key = finalize_key(cfg, plan_parts(cfg))
+        steps = [f"prepare-{key}", *(f"scatter-{key}-part-0000{i}" for i in range(3)),
+                 *(f"near-{key}-p0000{k}" for k in range(2)), "finalize"]
+        assert sub.names == ["part-00000", "part-00001", "part-00002", *steps]
         wait(sub, poll_s=1, timeout_s=400)
     out = tmp_path / "curated"
     manifest = load_manifest(out / "manifest.json")
@@ -190,11 +195,15 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
     parts_array = sub.jobs[0].job_id.split("_")[0]
     script = (sub.folder / f"{parts_array}_submission.sh").read_text()
     assert "#SBATCH --array=0-2%2" in script
-    # finalize started after every part ended (afterok dependency on the array)
-    assert max(_times(parts_array, "End")) <= min(_times(sub.jobs[-1].job_id, "Start"))
+    # each step started after the one before ended (afterok dependency on the arrays)
+    arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
+    assert len(arrays) == 5
+    for before, after in zip(arrays, arrays[1:]):
+        assert max(_times(before, "End")) <= min(_times(after, "Start"))
+    assert len(list((out / "work" / "finalize" / "drops").glob("p*.parquet"))) == 2
     # resubmission: every part and the finalize step are done, nothing is queued
     again = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, array_parallelism=2))
-    assert again.jobs == [] and again.skipped == ["part-00000", "part-00001", "part-00002", "finalize"]
+    assert again.jobs == [] and again.skipped == ["part-00000", "part-00001", "part-00002", *steps]
 
 
 @slurm

@@ -1,0 +1,93 @@
+"""Partitioned finalize: pHash bands, near-duplicates and decontamination per partition, equal for every partition count."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sigscale.curation.image_filters import contaminated, near_duplicates
+from sigscale.curation.partitions import (EVAL_DUPLICATE, NEAR_DUPLICATE, PAIRS_PER_BLOCK, band_layout, band_values,
+                                          partition_drops, scatter)
+from sigscale.curation.bench import planted_candidates, render_finalize_markdown, run_finalize_bench
+
+THRESHOLD, THUMB_DIFF = 8, 3.0
+WRITERS = 3
+
+
+def run_partitioned(frame: pd.DataFrame, folder, partitions: int, threshold: int = THRESHOLD, eval_set=None,
+                    block: int = PAIRS_PER_BLOCK) -> pd.Series:
+    for w in range(WRITERS):
+        scatter(frame.iloc[w::WRITERS], folder, w, partitions, threshold)
+    drops = [partition_drops(folder, k, threshold, THUMB_DIFF, eval_set, block) for k in range(partitions)]
+    return pd.concat(drops).drop_duplicates("row").set_index("row")["reason"].sort_index()
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 20, 63])
+def test_bands_cover_64_bits_and_close_pairs_share_one(threshold):
+    layout = band_layout(threshold)
+    assert len(layout) == threshold + 1 and sum(w for _, w in layout) == 64
+    assert [s for s, _ in layout] == list(itertools.accumulate([0] + [w for _, w in layout[:-1]]))
+    rng = np.random.default_rng(threshold)
+    a = rng.integers(0, 2 ** 63, 2000, dtype=np.uint64) * np.uint64(2)
+    flips = [rng.choice(64, threshold, replace=False) for _ in a]
+    b = np.array([x ^ np.uint64(sum(1 << int(f) for f in fl)) for x, fl in zip(a, flips)], dtype=np.uint64)
+    shared = np.zeros(len(a), bool)
+    for shift, width in layout:
+        shared |= band_values(a, shift, width) == band_values(b, shift, width)
+    assert shared.all()  # pigeonhole: exactly `threshold` differing bits leave one of threshold+1 bands intact
+
+
+def test_threshold_64_puts_every_row_in_one_group(tmp_path):
+    frame, _ = planted_candidates(0, 50, near_fraction=0.0, seed=4)
+    frame["thumb"] = [bytes(768)] * len(frame)  # same colours: every pair is a near-duplicate
+    assert band_layout(64) == [(0, 0)]
+    assert run_partitioned(frame, tmp_path, 3, threshold=64).index.tolist() == list(range(1, 50))
+
+
+def test_planted_near_duplicates_caught_with_no_false_drops_for_any_partition_count(tmp_path):
+    frame, planted = planted_candidates(0, 6000, near_fraction=0.1, seed=1)
+    for p in (1, 4, 13):
+        got = run_partitioned(frame, tmp_path / f"p{p}", p)
+        assert set(got.index) == set(planted.tolist()) and set(got) == {NEAR_DUPLICATE}, p
+
+
+def test_partitioned_equals_the_single_process_pair_rule_on_clustered_hashes(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 2500
+    hashes = rng.integers(0, 2 ** 63, n, dtype=np.uint64)
+    hashes[::4] = hashes[0]  # one crowded band group in every band
+    for k in range(1, n, 5):  # chains: each a few bits from the one before
+        hashes[k] = hashes[k - 1] ^ np.uint64(1 << int(rng.integers(64))) ^ np.uint64(1 << int(rng.integers(64)))
+    thumbs = rng.integers(0, 256, (n, 768), dtype=np.uint8)
+    thumbs[::4] = thumbs[0]
+    thumbs[1::5] = thumbs[0::5]
+    rows = np.sort(rng.choice(10 * n, n, replace=False))
+    eval_hashes, eval_thumbs = hashes[[7, 400]] ^ np.uint64(0b101), thumbs[[7, 400]]
+    frame = pd.DataFrame({"row": rows, "phash": hashes, "thumb": [t.tobytes() for t in thumbs]}).sample(frac=1, random_state=0)
+    want = pd.Series(None, index=rows, dtype=object)
+    hit = contaminated(hashes, thumbs, eval_hashes, eval_thumbs, THRESHOLD, THUMB_DIFF)
+    want[hit] = EVAL_DUPLICATE
+    alive = np.flatnonzero(~hit)
+    want.iloc[alive[near_duplicates(hashes[alive], thumbs[alive], THRESHOLD, THUMB_DIFF)]] = NEAR_DUPLICATE
+    want = want.dropna()
+    assert want.value_counts().to_dict()[NEAR_DUPLICATE] > 300 and len(want[want == EVAL_DUPLICATE]) >= 2
+    for p in (1, 2, 7, 64):
+        got = run_partitioned(frame, tmp_path / f"p{p}", p, eval_set=(eval_hashes, eval_thumbs))
+        pd.testing.assert_series_equal(got, want, check_names=False, check_index_type=False)
+
+
+def test_partition_task_verifies_big_band_groups_in_bounded_blocks(tmp_path):
+    frame, planted = planted_candidates(0, 3000, near_fraction=0.2, seed=2)
+    frame.loc[:, "phash"] = frame["phash"].to_numpy(np.uint64) & np.uint64(0xFFFFFFFFFFFFFF00)  # one 8-bit band shared
+    want = run_partitioned(frame, tmp_path / "one", 1)
+    pd.testing.assert_series_equal(run_partitioned(frame, tmp_path / "small", 1, block=997), want)
+    assert set(want.index) == set(planted.tolist())
+
+
+def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
+    result = run_finalize_bench(6000, threshold=3, rows_per_writer=3000, copies_per_partition=12000, near_fraction=0.1)
+    assert (result["partitions"], result["writers"], result["scatter"]["tasks"], result["near"]["tasks"]) == (2, 2, 2, 2)
+    assert result["planted"] == result["caught"] == 600 and result["false_drops"] == 0
+    assert result["near"]["peak_rss_mib_max"] > 0 and result["rows_per_second"] > 0
+    table = render_finalize_markdown([result], "sigscale bench curation --rows 6000")
+    assert "| 6,000 | 3 | 4 | 2 | 2 |" in table and "| 600 / 600 | 0 |" in table
