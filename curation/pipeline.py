@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -280,6 +280,19 @@ def finalize_key(cfg: CurationConfig, parts: List[Part]) -> str:
     return config_hash(_finalize_settings(cfg, parts))[:10]
 
 
+def eval_set_hashes(cfg: CurationConfig) -> Optional[pd.DataFrame]:
+    """pHash and colour thumbnail of every decontamination image (image.decontaminate); None without any."""
+    if not cfg.image.decontaminate:
+        return None
+    paths = eval_images(cfg.image.decontaminate)
+    if not paths:
+        raise CurationError(f"image.decontaminate folders {cfg.image.decontaminate} hold no images; check the paths")
+    hashes, thumbs, bad = hash_files(paths)
+    if bad:
+        print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
+    return pd.DataFrame({"phash": hashes, "thumb": [t.tobytes() for t in thumbs]})
+
+
 def prepare_finalize(cfg: CurationConfig) -> Path:
     """First finalize step: its settings and the eval images' hashes; a change of settings starts it afresh."""
     parts = _finished_parts(cfg)
@@ -289,14 +302,9 @@ def prepare_finalize(cfg: CurationConfig) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    if cfg.image.decontaminate:
-        paths = eval_images(cfg.image.decontaminate)
-        if not paths:
-            raise CurationError(f"image.decontaminate folders {cfg.image.decontaminate} hold no images; check the paths")
-        hashes, thumbs, bad = hash_files(paths)
-        if bad:
-            print(f"curate: {len(bad)} eval image(s) do not decode and are not checked, e.g. {bad[0]}", flush=True)
-        pd.DataFrame({"phash": hashes, "thumb": [t.tobytes() for t in thumbs]}).to_parquet(folder / "eval.parquet")
+    evals = eval_set_hashes(cfg)
+    if evals is not None:
+        evals.to_parquet(folder / "eval.parquet")
     _write_json(folder / "settings.json", settings)
     return folder
 

@@ -138,7 +138,7 @@ def test_more_config_errors():
 def test_state_errors_of_the_pipeline(tmp_path):
     from sigscale.curation.config import DownloadConfig
     from sigscale.curation.download import download
-    from sigscale.curation.pipeline import Part, _final_drops, finalize, load_outcomes, run_part
+    from sigscale.curation.pipeline import Part, eval_set_hashes, finalize, load_outcomes, run_part
 
     cfg = load_curation_config("demo", [f"input.path={tmp_path / 'u.parquet'}", f"output.dir={tmp_path / 'out'}"])
     with pytest.raises(CurationError, match=r"no plan.json in .*work; run `sigscale curate`"):
@@ -152,9 +152,8 @@ def test_state_errors_of_the_pipeline(tmp_path):
         download(pd.DataFrame({"row": [0], "url": ["http://x/y.jpg"], "caption": ["c"]}), tmp_path / "dl", DownloadConfig())
     (tmp_path / "eval").mkdir()
     cfg.image.decontaminate = [str(tmp_path / "eval")]
-    meta = pd.DataFrame({"row": [0], "phash": [0], "thumb": [bytes(768)], "score": [float("nan")], "language": ["en"]})
     with pytest.raises(CurationError, match=r"image.decontaminate folders .*eval'\] hold no images; check the paths"):
-        _final_drops(meta, cfg)
+        eval_set_hashes(cfg)
 
 
 def test_a_list_where_nothing_survives_fails_after_writing_stats(tmp_path):
