@@ -98,12 +98,13 @@ def _language_bars(per_lang: Dict[str, Dict], title: str, chance: Optional[float
     """Per-language bars of two metrics (see _pair), sorted by the first, with the chance level as a line."""
     a, b = _pair(per_lang)
     langs = sorted(per_lang, key=lambda l: -per_lang[l][a])
-    fig, ax = _figure(max(5.0, 0.28 * len(langs) + 2))
+    counted = "classes" in per_lang[langs[0]]
+    fig, ax = _figure(max(5.0, (0.6 if counted else 0.28) * len(langs) + 2))
     x = list(range(len(langs)))
     ax.bar([i - 0.2 for i in x], [per_lang[l][a] for l in langs], 0.4, label=a)
     ax.bar([i + 0.2 for i in x], [per_lang[l][b] for l in langs], 0.4, label=b)
     # Babel-ImageNet languages name different numbers of classes: the count belongs beside the accuracy.
-    ticks = [f"{l}\n{per_lang[l]['classes']} cl." if "classes" in per_lang[l] else l for l in langs]
+    ticks = [f"{l}\n{per_lang[l]['classes']} cl." if counted else l for l in langs]
     ax.set_xticks(x, ticks, rotation=90 if len(langs) > 12 else 0, fontsize=8)
     if chance is not None:
         ax.axhline(chance, color="grey", lw=0.8, ls="--", label=f"chance {chance:.2f}%")
@@ -133,8 +134,10 @@ def _curves(records: Sequence[Dict], curve: List[Tuple[int, float]]) -> bytes:
     fig, ax = _figure(9.0)
     by_step = {r["step"]: r for r in records if r.get("step") is not None}  # final weights repeat the last step
     stepped = [by_step[s] for s in sorted(by_step)]
-    for metric in headline(stepped[-1]) if stepped else []:
-        ax.plot([r["step"] for r in stepped], [headline(r).get(metric) for r in stepped], marker="o", label=metric)
+    for i, metric in enumerate(headline(stepped[-1]) if stepped else []):
+        # Four benchmarks make a dozen lines: past the 10 default colours, lines also change style.
+        ax.plot([r["step"] for r in stepped], [headline(r).get(metric) for r in stepped], marker="o", label=metric,
+                color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3])
     ax.set_xlabel("training step")
     ax.set_ylabel("metric (%)")
     if curve:
@@ -220,7 +223,7 @@ def _tables(records: Sequence[Dict], refs: References) -> List[Tuple[str, List[L
         if hidden(refs, name, res):
             note += f"; {hidden(refs, name, res)}"
         if "all" in res and not res.get("languages"):
-            ks = list(res["all"])
+            ks = [m for m in res["all"] if "@" in m]  # the counts are columns of their own
             out.append((f"{name} ({label(last)})", _table(["images", "captions"] + ks,
                                                           [[res["images"], res.get("captions")] +
                                                            [res["all"][m] for m in ks]]), note))
@@ -268,7 +271,7 @@ def _html(title: str, tables, plots: Dict[str, bytes], intro: str) -> str:
     esc = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td{white-space:nowrap}"
              "th{background:#eee}.note{color:#555;font-size:90%}.wide{overflow-x:auto}img{max-width:100%}"
              f".{PUBLISHED}{{background:#fff8e1;border-left:6px solid #f0a500;padding:0.2em 1em;margin:1em 0}}"
              f".{PUBLISHED} .note{{color:#7a4f00;font-weight:bold}}"
