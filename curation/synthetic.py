@@ -390,20 +390,55 @@ def xm3600_items(n_images: int, seed: int = 1, size: int = 64, languages: Sequen
         yield key, languages[i % len(languages)], buf.getvalue(), captions
 
 
+def class_images(per_class: int, seed: int = 2, size: int = 64) -> Iterator[Tuple[int, bytes]]:
+    """(class index into :func:`classes`, JPEG bytes): ``per_class`` scenes of every class, class by class."""
+    rng = random.Random(seed)
+    for idx, name in enumerate(classes()):
+        color, shape = name.split()
+        for _ in range(per_class):
+            scene = Scene(shape, color, rng.randint(1, 3), rng.choice(POSITIONS), rng.choice(BACKGROUNDS), rng.getrandbits(31))
+            yield idx, jpeg_bytes(render(scene, size), quality=92)
+
+
 def write_image_folder(out_dir: Path, per_class: int, seed: int = 2, size: int = 64) -> Path:
     """A held-out classification set in ImageFolder layout plus classnames.txt (one name per line)."""
     out_dir = Path(out_dir)
-    rng = random.Random(seed)
-    names = classes()
-    for idx, name in enumerate(names):
-        color, shape = name.split()
+    counts: Dict[int, int] = {}
+    for idx, jpeg in class_images(per_class, seed, size):
         d = out_dir / f"c{idx:03d}"
         d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            scene = Scene(shape, color, rng.randint(1, 3), rng.choice(POSITIONS), rng.choice(BACKGROUNDS), rng.getrandbits(31))
-            render(scene, size).save(d / f"{j:05d}.jpg", quality=92)
-    (out_dir / "classnames.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+        (d / f"{counts.setdefault(idx, 0):05d}.jpg").write_bytes(jpeg)
+        counts[idx] += 1
+    (out_dir / "classnames.txt").write_text("\n".join(classes()) + "\n", encoding="utf-8")
     return out_dir
+
+
+def class_names(lang: str) -> List[str]:
+    """The :func:`classes` named in a language as its captions name one such shape ("ein Kreis in Rot")."""
+    L = LANGS[lang]
+    return [L["nouns"][name.split()[1]][0].format(c=L["colors"][name.split()[0]]) for name in classes()]
+
+
+def class_prompts(lang: str) -> List[str]:
+    """Zero-shot templates in a language, '{}' for the class: its caption templates at every position and background."""
+    L = LANGS[lang]
+    out = [t.format(n="{}", p=L["positions"][p], bg=L["backgrounds"][b])
+           for t in L["templates"] for p in POSITIONS for b in BACKGROUNDS]
+    return list(dict.fromkeys(out))  # templates without {bg} repeat per background: once each
+
+
+def karpathy_items(n_images: int, seed: int = 4, size: int = 64, split: str = "test",
+                   lang: str = "en") -> Iterator[Tuple[str, str, bytes, List[str]]]:
+    """A held-out retrieval split for the COCO Karpathy layout: (split, file name, JPEG, captions).
+
+    Four distinct captions per image (the three paraphrases and the bare noun phrase); ``sigscale.eval.karpathy.
+    write_karpathy`` writes them as dataset_coco.json + images.
+    """
+    rng = random.Random(seed)
+    for i in range(n_images):
+        scene = random_scene(rng)
+        caps = [caption(scene, lang, v) for v in range(3)] + [short_caption(scene, lang)]
+        yield split, f"COCO_val2014_{seed:04d}{i:08d}.jpg", jpeg_bytes(render(scene, size), quality=92), caps
 
 
 def shard_records(n: int, seed: int = 0, size: int = 64, languages: Sequence[str] = LANGUAGES) -> Iterator[dict]:

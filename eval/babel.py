@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from sigscale.eval.embed import embed_images, eval_mode
-from sigscale.eval.imagenet import IMAGENET_CLASSNAMES
+from sigscale.eval.imagenet import IMAGENET_CLASSNAMES, IMAGENET_WNIDS
 from sigscale.eval.sources import EvalDataError
 from sigscale.eval.zeroshot import class_embeddings, default_templates, load_image_folder, topk_accuracy
 from sigscale.pretrain.tokenizer import Tokenizer
 
 PROTOCOL = ("per language: the ImageNet val images of the classes named in that language, classified among "
             "those classes ({templates} templates); unweighted mean over languages")
+PROTOCOL_IDS = {True: "language_prompts", False: "english_templates"}
 
 
 class BabelImageNetError(EvalDataError):
@@ -63,6 +64,24 @@ def load_babel_labels(path: Path, languages: Sequence[str] = ()) -> Dict[str, Tu
             raise BabelImageNetError(f"{path}[{lang!r}] must be [distinct ImageNet class indices 0-999, names of the "
                                      "same length]; restore the released babel_imagenet.json")
         out[lang] = (list(entry[0]), [str(n) for n in entry[1]])
+    return out
+
+
+def write_babel_imagenet(root: Path, images: Iterable[Tuple[int, bytes]], labels: Dict[str, Tuple[List[int], List[str]]],
+                         prompts: Optional[Dict[str, List[str]]] = None) -> Dict[str, Path]:
+    """Write (ImageNet class index, JPEG bytes) images as an ImageNet val folder (``val/n01440764/...``), the
+    labels as ``babel_imagenet.json`` and the per-language templates as ``prompts.json``, in the released layout."""
+    root = Path(root)
+    val = root / "val"
+    for n, (index, jpeg) in enumerate(images, 1):
+        (val / IMAGENET_WNIDS[index]).mkdir(parents=True, exist_ok=True)
+        (val / IMAGENET_WNIDS[index] / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg)
+    out = {"imagenet": val, "labels": root / "babel_imagenet.json"}
+    out["labels"].write_text(json.dumps({l: [list(i), list(n)] for l, (i, n) in labels.items()}, ensure_ascii=False),
+                             encoding="utf-8")
+    if prompts:
+        out["prompts"] = root / "prompts.json"
+        out["prompts"].write_text(json.dumps(prompts, ensure_ascii=False), encoding="utf-8")
     return out
 
 
@@ -106,6 +125,7 @@ def evaluate_babel_imagenet(model: nn.Module, tokenizer: Tokenizer, imagenet_dir
         raise BabelImageNetError(f"no image under {imagenet_dir} belongs to a class named in {labels_file}")
     mean = {m: sum(v[m] for v in per_lang.values()) / len(per_lang) for m in ("top1", "top5")}
     return {"protocol": PROTOCOL.format(templates="per-language" if prompts else "English"),
+            "protocol_id": PROTOCOL_IDS[bool(prompts)],
             "images": len(paths), "languages": per_lang, "mean": mean,
             "languages_without_images": without_images,
             "chance_top1": sum(v["chance_top1"] for v in per_lang.values()) / len(per_lang)}

@@ -19,8 +19,9 @@ text→image is scored per caption; recall@1/5/10.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch.nn as nn
 
@@ -31,10 +32,34 @@ from sigscale.pretrain.tokenizer import Tokenizer
 KARPATHY_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 PROTOCOL = ("Karpathy {split} split, all captions: I→T hit if any of the image's captions is in the top k, "
             "T→I per caption (CLIP / SigLIP papers)")
+PROTOCOL_ID = "karpathy_{split}_all_captions"  # CLIP_benchmark's mscoco_captions / flickr30k protocol too
 
 
 class KarpathyError(EvalDataError):
     """A Karpathy-split JSON or its image folder is missing or malformed."""
+
+
+def write_karpathy(root: Path, dataset: str, items: Iterable[Tuple[str, str, bytes, List[str]]]) -> Path:
+    """Write (split, file name, JPEG bytes, captions) items as ``dataset_<dataset>.json`` + images, every field
+    of the release: COCO entries carry ``filepath`` (images under it) and ``cocoid``, Flickr30k's sit in images/."""
+    root = Path(root)
+    folder = "val2014" if dataset == "coco" else "images"
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    images, sentid = [], 0
+    for imgid, (split, filename, jpeg, captions) in enumerate(items):
+        (root / folder / filename).write_bytes(jpeg)
+        sentences = [{"tokens": re.findall(r"\w+", raw.lower()), "raw": raw, "imgid": imgid, "sentid": sentid + j}
+                     for j, raw in enumerate(captions)]
+        entry = {"filepath": folder, "filename": filename} if dataset == "coco" else {"filename": filename}
+        entry.update({"imgid": imgid, "split": split, "sentids": [s["sentid"] for s in sentences],
+                      "sentences": sentences})
+        if dataset == "coco":
+            entry["cocoid"] = imgid
+        images.append(entry)
+        sentid += len(sentences)
+    index = root / KARPATHY_FILES[dataset]
+    index.write_text(json.dumps({"images": images, "dataset": dataset}, ensure_ascii=False), encoding="utf-8")
+    return root
 
 
 def _image_path(root: Path, entry: dict) -> Path:
@@ -78,5 +103,5 @@ def evaluate_karpathy(model: nn.Module, tokenizer: Tokenizer, root: Path, datase
     res = grouped_recall(model, tokenizer, paths, {"all": (texts, owners)}, batch_size, rank, world)
     if rank != 0:
         return {}
-    return {"protocol": PROTOCOL.format(split=split), "split": split, "images": len(paths), "captions": len(texts),
+    return {"protocol": PROTOCOL.format(split=split), "protocol_id": PROTOCOL_ID.format(split=split), "split": split, "images": len(paths), "captions": len(texts),
             "all": res["all"], "chance_r@1": 100.0 / len(paths)}

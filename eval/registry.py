@@ -17,7 +17,7 @@ import torch.nn as nn
 from sigscale.core.config import ConfigError
 from sigscale.eval import babel, clipbench, karpathy, xm3600, xtd10
 from sigscale.eval.retrieval import evaluate_shard_retrieval
-from sigscale.eval.zeroshot import evaluate_zeroshot
+from sigscale.eval.zeroshot import TEMPLATE_PROTOCOLS, evaluate_zeroshot
 from sigscale.pretrain.config import EvalConfig
 from sigscale.pretrain.tokenizer import Tokenizer
 
@@ -37,6 +37,9 @@ class Benchmark:
     chance: str  # the level a random scorer reaches; each result carries its value as chance_*
     protocol: str
     run: Runner
+    # The protocols it can run, as the ids its results carry (first: the default); published results
+    # (eval/references.json) name one, and a report sets them beside a run only under the same id.
+    protocol_ids: Tuple[str, ...]
 
 
 def _opt(value: str) -> Optional[Path]:
@@ -46,35 +49,44 @@ def _opt(value: str) -> Optional[Path]:
 BENCHMARKS: Dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("imagenet", (("imagenet_dir", "--imagenet-root"),), CLASSIFICATION, "100/1000 top-1",
               "ImageNet-1k val zero-shot, CLIP class names and templates",
-              lambda m, t, c, d, r, w: evaluate_zeroshot(m, t, d, None, c.batch_size, r, w)),
+              lambda m, t, c, d, r, w: evaluate_zeroshot(m, t, d, None, c.batch_size, r, w),
+              (TEMPLATE_PROTOCOLS[True], TEMPLATE_PROTOCOLS[False])),
     Benchmark("zeroshot", (("classification_dir", "--classification-root"),), CLASSIFICATION, "100/classes top-1",
               "zero-shot classification of a class folder (or shards) with classnames.txt",
-              lambda m, t, c, d, r, w: evaluate_zeroshot(m, t, d, None, c.batch_size, r, w, _opt(c.classnames))),
+              lambda m, t, c, d, r, w: evaluate_zeroshot(m, t, d, None, c.batch_size, r, w, _opt(c.classnames)),
+              (TEMPLATE_PROTOCOLS[False], TEMPLATE_PROTOCOLS[True])),
     Benchmark("xm3600", (("xm3600_dir", "--xm3600-root"),), RETRIEVAL, "100/images R@1", xm3600.PROTOCOLS[False],
               lambda m, t, c, d, r, w: xm3600.evaluate_xm3600(m, t, d, c.xm3600_languages or None,
-                                                              c.first_caption_only, c.batch_size, r, w)),
+                                                              c.first_caption_only, c.batch_size, r, w),
+              (xm3600.PROTOCOL_IDS[False], xm3600.PROTOCOL_IDS[True])),
     Benchmark("retrieval", (("retrieval_shards", "--retrieval-shards"),), RETRIEVAL, "100/pairs R@1",
               "one caption per image of a webdataset split, all pairs and per language",
-              lambda m, t, c, d, r, w: evaluate_shard_retrieval(m, t, d, c.batch_size, r, w, c.retrieval_max_samples)),
+              lambda m, t, c, d, r, w: evaluate_shard_retrieval(m, t, d, c.batch_size, r, w, c.retrieval_max_samples),
+              ("one_caption",)),
     Benchmark("coco", (("coco_dir", "--coco-root"),), RETRIEVAL, "100/images R@1",
               karpathy.PROTOCOL.format(split="test (5k)"),
-              lambda m, t, c, d, r, w: karpathy.evaluate_karpathy(m, t, d, "coco", c.karpathy_split, c.batch_size, r, w)),
+              lambda m, t, c, d, r, w: karpathy.evaluate_karpathy(m, t, d, "coco", c.karpathy_split, c.batch_size, r, w),
+              (karpathy.PROTOCOL_ID.format(split="test"),)),
     Benchmark("flickr30k", (("flickr30k_dir", "--flickr30k-root"),), RETRIEVAL, "100/images R@1",
               karpathy.PROTOCOL.format(split="test (1k)"),
               lambda m, t, c, d, r, w: karpathy.evaluate_karpathy(m, t, d, "flickr30k", c.karpathy_split,
-                                                                  c.batch_size, r, w)),
+                                                                  c.batch_size, r, w),
+              (karpathy.PROTOCOL_ID.format(split="test"),)),
     Benchmark("xtd10", (("xtd10_dir", "--xtd10-root"),), RETRIEVAL, "100/images R@1", xtd10.PROTOCOL,
               lambda m, t, c, d, r, w: xtd10.evaluate_xtd10(m, t, d, _opt(c.xtd10_images), c.xtd10_languages,
-                                                            c.batch_size, r, w)),
+                                                            c.batch_size, r, w),
+              (xtd10.PROTOCOL_ID,)),
     Benchmark("babel_imagenet", (("imagenet_dir", "--imagenet-root"), ("babel_imagenet_labels", "--babel-imagenet-labels")),
               CLASSIFICATION, "100/classes of the language, top-1", babel.PROTOCOL.format(templates="per-language"),
               lambda m, t, c, d, r, w: babel.evaluate_babel_imagenet(
                   m, t, d, Path(c.babel_imagenet_labels), _opt(c.babel_imagenet_prompts),
-                  c.babel_imagenet_languages, c.batch_size, r, w)),
+                  c.babel_imagenet_languages, c.batch_size, r, w),
+              (babel.PROTOCOL_IDS[True], babel.PROTOCOL_IDS[False])),
     Benchmark("clipbench", (), CLASSIFICATION + RETRIEVAL, "100/classes top-1 or 100/images R@1",
               "a CLIP_benchmark webdataset task (test split): classification when samples carry cls, "
               "retrieval when they carry txt",
-              lambda m, t, c, d, r, w: clipbench.evaluate_clipbench(m, t, d, c.batch_size, r, w)),
+              lambda m, t, c, d, r, w: clipbench.evaluate_clipbench(m, t, d, c.batch_size, r, w),
+              ("clip_benchmark",)),
 )}
 NAMES: List[str] = [n for n in BENCHMARKS if n != "clipbench"] + [clipbench.PREFIX + "PATH"]
 
@@ -115,4 +127,5 @@ def run_benchmark(name: str, model: nn.Module, tokenizer: Tokenizer, cfg: EvalCo
     res = bench.run(model, tokenizer, cfg, data_path(name, cfg), rank, world)
     if rank == 0:
         res.setdefault("protocol", bench.protocol)
+        res.setdefault("protocol_id", bench.protocol_ids[0])
     return res

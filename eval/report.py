@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from sigscale import __version__
 from sigscale.core.rundir import RunDir
+from sigscale.eval.references import References, hidden, load_references
 from sigscale.eval.sources import EvalDataError
+from sigscale.eval.views import PUBLISHED, VIEW, languages_heatmap, languages_view, published_views
 
 FORMAT = "sigscale-eval-report/1"
 
@@ -96,11 +98,14 @@ def _language_bars(per_lang: Dict[str, Dict], title: str, chance: Optional[float
     """Per-language bars of two metrics (see _pair), sorted by the first, with the chance level as a line."""
     a, b = _pair(per_lang)
     langs = sorted(per_lang, key=lambda l: -per_lang[l][a])
-    fig, ax = _figure(max(5.0, 0.28 * len(langs) + 2))
+    counted = "classes" in per_lang[langs[0]]
+    fig, ax = _figure(max(5.0, (0.6 if counted else 0.28) * len(langs) + 2))
     x = list(range(len(langs)))
     ax.bar([i - 0.2 for i in x], [per_lang[l][a] for l in langs], 0.4, label=a)
     ax.bar([i + 0.2 for i in x], [per_lang[l][b] for l in langs], 0.4, label=b)
-    ax.set_xticks(x, langs, rotation=90 if len(langs) > 12 else 0)
+    # Babel-ImageNet languages name different numbers of classes: the count belongs beside the accuracy.
+    ticks = [f"{l}\n{per_lang[l]['classes']} cl." if counted else l for l in langs]
+    ax.set_xticks(x, ticks, rotation=90 if len(langs) > 12 else 0, fontsize=8)
     if chance is not None:
         ax.axhline(chance, color="grey", lw=0.8, ls="--", label=f"chance {chance:.2f}%")
     ax.set_ylabel("%")
@@ -129,8 +134,10 @@ def _curves(records: Sequence[Dict], curve: List[Tuple[int, float]]) -> bytes:
     fig, ax = _figure(9.0)
     by_step = {r["step"]: r for r in records if r.get("step") is not None}  # final weights repeat the last step
     stepped = [by_step[s] for s in sorted(by_step)]
-    for metric in headline(stepped[-1]) if stepped else []:
-        ax.plot([r["step"] for r in stepped], [headline(r).get(metric) for r in stepped], marker="o", label=metric)
+    for i, metric in enumerate(headline(stepped[-1]) if stepped else []):
+        # Four benchmarks make a dozen lines: past the 10 default colours, lines also change style.
+        ax.plot([r["step"] for r in stepped], [headline(r).get(metric) for r in stepped], marker="o", label=metric,
+                color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3])
     ax.set_xlabel("training step")
     ax.set_ylabel("metric (%)")
     if curve:
@@ -160,9 +167,13 @@ def _side_by_side(rows: Sequence[Tuple[str, Dict[str, float]]], title: str) -> b
 
 
 def report_plots(records: Sequence[Dict], curves: Dict[str, List[Tuple[int, float]]]) -> Dict[str, bytes]:
-    """PNG plots by file stem: per-language bars and I→T vs T→I of the last checkpoint, curves, comparison."""
+    """PNG plots by file stem: per-language bars, I→T vs T→I and the languages view of the last checkpoint,
+    curves, comparison."""
     plots: Dict[str, bytes] = {}
     last = records[-1]
+    view = languages_view(last)
+    if view:
+        plots["languages"] = languages_heatmap(*view, f"per language across benchmarks ({label(last)})", _figure, _png)
     for name, res in last.get("benchmarks", {}).items():
         per_lang = res.get("languages")
         if per_lang:
@@ -192,8 +203,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[List[st
     return [list(header)] + [[_fmt(c) for c in r] for r in rows]
 
 
-def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
-    """(title, rows with header first, note) for the summary and each benchmark of the last checkpoint."""
+def _tables(records: Sequence[Dict], refs: References) -> List[Tuple[str, List[List[str]], str, str]]:
+    """(title, rows with header first, note, kind) for the summary, each benchmark of the last checkpoint with
+    the published results that compare with it, and the languages view."""
     out = []
     metrics = sorted({m for r in records for m in headline(r)})
     out.append(("Summary", _table(["checkpoint", "kind", "step", "model", "recipe", "config hash"] + metrics,
@@ -208,8 +220,10 @@ def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
         chance = {k: v for k, v in res.items() if k.startswith("chance")}
         if chance:
             note += "; chance: " + ", ".join(f"{k[7:]} {v:.2f}%" for k, v in chance.items())
+        if hidden(refs, name, res):
+            note += f"; {hidden(refs, name, res)}"
         if "all" in res and not res.get("languages"):
-            ks = list(res["all"])
+            ks = [m for m in res["all"] if "@" in m]  # the counts are columns of their own
             out.append((f"{name} ({label(last)})", _table(["images", "captions"] + ks,
                                                           [[res["images"], res.get("captions")] +
                                                            [res["all"][m] for m in ks]]), note))
@@ -226,15 +240,24 @@ def _tables(records: Sequence[Dict]) -> List[Tuple[str, List[List[str]], str]]:
             if "all" in res:
                 rows.append(["**all pairs**"] + [res["all"][m] for m in ks])
             out.append((f"{name} per language ({label(last)})", _table(["language"] + ks, rows), note))
+        out += [(title, _table(rows[0], rows[1:]), vnote, kind)
+                for title, rows, vnote, kind in published_views(name, res, refs, (label(last), last.get("model") or ""))]
+    view = languages_view(last)
+    if view:
+        out.append((f"Languages view ({label(last)})", _table(*view),
+                    "per language, each multilingual benchmark's zero-shot top-1 or I→T / T→I R@1 (%); — where a "
+                    "benchmark lacks the language; codes unified (Babel-ImageNet EN → en, XTD10 jp → ja)", VIEW))
     return out
 
 
 def _markdown(title: str, tables, plot_files: Dict[str, str], intro: str) -> str:
     lines = [f"# {title}", "", intro, ""]
-    for name, rows, note in tables:
+    for name, rows, note, *kind in tables:
         lines += [f"## {name}", ""]
-        if note:
-            lines += [f"Protocol: {note}", ""]
+        if kind == [PUBLISHED]:  # other models' numbers: said before the table, not only in its title
+            lines += [f"> **{note}**", ""]
+        elif note:
+            lines += [f"{'' if kind else 'Protocol: '}{note}", ""]
         lines.append("| " + " | ".join(rows[0]) + " |")
         lines.append("|" + "---|" * len(rows[0]))
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -248,17 +271,21 @@ def _html(title: str, tables, plots: Dict[str, bytes], intro: str) -> str:
     esc = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td{white-space:nowrap}"
              "th{background:#eee}.note{color:#555;font-size:90%}.wide{overflow-x:auto}img{max-width:100%}"
+             f".{PUBLISHED}{{background:#fff8e1;border-left:6px solid #f0a500;padding:0.2em 1em;margin:1em 0}}"
+             f".{PUBLISHED} .note{{color:#7a4f00;font-weight:bold}}"
              "</style></head><body>",
              f"<h1>{esc(title)}</h1><p>{esc(intro)}</p>"]
-    for name, rows, note in tables:
+    for name, rows, note, *kind in tables:
+        published = kind == [PUBLISHED]
+        parts.append(f"<div class='{PUBLISHED}'>" if published else "<div>")
         parts.append(f"<h2>{esc(name)}</h2>")
         if note:
-            parts.append(f"<p class='note'>Protocol: {esc(note)}</p>")
+            parts.append(f"<p class='note'>{'' if kind else 'Protocol: '}{esc(note)}</p>")
         parts.append("<div class='wide'><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c.strip('*'))}</td>" for c in r) + "</tr>" for r in rows[1:]]
-        parts.append("</table></div>")
+        parts.append("</table></div></div>")
     for name, png in plots.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<h3>{esc(name)}</h3><img alt='{esc(name)}' src='data:image/png;base64,{data}'>")
@@ -280,8 +307,11 @@ def _write_pages(out: Path, stem: str, title: str, tables, plots: Dict[str, byte
 # ----------------------------------------------------------------------------- entry points
 
 def write_report(records: List[Dict[str, Any]], out_dir: Path, title: str = "sigscale evaluation",
-                 job: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
-    """Write report.json, report.md (+ plots/) and report.html for the records of one eval job."""
+                 job: Optional[Dict[str, Any]] = None, references: Optional[References] = None) -> Dict[str, Path]:
+    """Write report.json, report.md (+ plots/) and report.html for the records of one eval job.
+
+    ``references``: the published results to set beside the run's numbers (default: eval/references.json).
+    """
     if not records:
         raise ReportError("no evaluation records to report; evaluate at least one checkpoint")
     out = Path(out_dir)
@@ -296,7 +326,8 @@ def write_report(records: List[Dict[str, Any]], out_dir: Path, title: str = "sig
     if data:  # where the training data came from, next to what it produced
         drops = ", ".join(f"{k} {v}" for k, v in data.get("dropped", {}).items())
         intro += f" Trained on {data['kept']} curated pairs of {data['rows']} URL-list rows (dropped: {drops or 'none'})."
-    paths = _write_pages(out, "report", title, _tables(records), report_plots(records, curves), intro)
+    refs = references if references is not None else load_references()
+    paths = _write_pages(out, "report", title, _tables(records, refs), report_plots(records, curves), intro)
     return {"json": out / "report.json", **paths}
 
 

@@ -106,6 +106,7 @@ def evaluate_shard_retrieval(model: nn.Module, tokenizer: Tokenizer, shards: Pat
         return {}
     n = len(captions)
     out = {"protocol": "one caption per image; recall@k over all pairs and within each language's pairs",
+           "protocol_id": "one_caption",
            "images": n, "all": recall_at_k(img, txt, torch.arange(n)), "chance_r@1": 100.0 / n, "languages": {}}
     for lang in sorted(set(langs)):
         idx = torch.tensor([i for i, l in enumerate(langs) if l == lang])

@@ -35,6 +35,8 @@ PROTOCOLS = {
            "top k, T→I per caption; unweighted mean over languages",
     True: "first caption per image and language (CLIP_benchmark); unweighted mean over languages",
 }
+# The same two protocols as ids that published results carry (eval/references.json): numbers compare only within one.
+PROTOCOL_IDS = {False: "all_captions", True: "first_caption"}
 
 
 class XM3600Error(EvalDataError):
@@ -133,7 +135,8 @@ def evaluate_xm3600(model: nn.Module, tokenizer: Tokenizer, root: Path, language
         return {}
     texts = sum(len(c[0]) for c in caps.values())
     n_img = len(paths)
-    return {"protocol": PROTOCOLS[first_caption_only], "first_caption_only": first_caption_only,
+    return {"protocol": PROTOCOLS[first_caption_only], "protocol_id": PROTOCOL_IDS[first_caption_only],
+            "first_caption_only": first_caption_only,
             "images": n_img, "captions": texts, "languages": per_lang, "mean": mean_over(per_lang),
             "missing_official_languages": [l for l in XM3600_LANGUAGES if l not in languages],
             # A random scorer: T→I R@k = k/N; I→T R@1 = mean over images of (own captions / all) = 1/N.

@@ -27,6 +27,7 @@ NAMES_FILE = "test_image_names.txt"
 CAPTION_FILE = re.compile(r"test_1kcaptions_(.+)\.txt")
 RELEASE_FOLDERS = ("XTD10", "MIC", "STAIR")
 PROTOCOL = "one caption per image and language, 1k images: recall@k per language; unweighted mean over languages"
+PROTOCOL_ID = "one_caption"  # CLIP_benchmark's multilingual_mscoco_captions reads the same files the same way
 
 
 class XTD10Error(EvalDataError):
@@ -90,5 +91,5 @@ def evaluate_xtd10(model: nn.Module, tokenizer: Tokenizer, root: Path, images: O
                               batch_size, rank, world)
     if rank != 0:
         return {}
-    return {"protocol": PROTOCOL, "images": len(paths), "languages": per_lang, "mean": mean_over(per_lang),
+    return {"protocol": PROTOCOL, "protocol_id": PROTOCOL_ID, "images": len(paths), "languages": per_lang, "mean": mean_over(per_lang),
             "chance_r@1": 100.0 / len(paths)}

@@ -30,6 +30,8 @@ from sigscale.pretrain.tokenizer import Tokenizer
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
+# CLIP's 80 templates + '{}' as big_vision prompts ImageNet, or the templates a folder brings.
+TEMPLATE_PROTOCOLS = {True: "clip_templates", False: "own_templates"}
 
 
 class ZeroShotError(EvalDataError):
@@ -207,6 +209,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer: Tokenizer, root: Path, templa
             "classes_present": len(set(labels)), "chance_top1": 100.0 / len(names),
             "chance_top5": 100.0 * min(5, len(names)) / len(names), "templates": len(templates),
             "data": "shards" if is_shards else "image_folder",
+            "protocol_id": TEMPLATE_PROTOCOLS[list(templates) == list(IMAGENET_TEMPLATES)],
             "protocol": "zero-shot classification: mean of L2-normalised prompt embeddings per class, "
                         f"re-normalised, argmax over {len(names)} classes ({len(templates)} templates, "
                         "big_vision prompt canonicalisation)"}

@@ -2,7 +2,8 @@
 
 URL list on a loopback image server → `sigscale curate` (img2dataset and the filters) → SentencePiece
 on the curated captions → `sigscale train` (FSDP2 over local processes, or a Slurm job) → evaluation of
-every kept checkpoint on held-out XM3600-format and ImageFolder sets → JSON/Markdown/HTML report.
+every kept checkpoint on held-out sets in the benchmarks' own formats (XM3600, an ImageFolder, Babel-ImageNet,
+COCO Karpathy) → JSON/Markdown/HTML report.
 Curation and training run through the same command a user would type (`sigscale curate`,
 `sigscale train` or `sigscale submit train`), in a subprocess; the tokenizer, the evaluation and the
 report are called through the Python API those commands wrap.
@@ -17,9 +18,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from sigscale.curation import synthetic
+from sigscale.eval.babel import write_babel_imagenet
+from sigscale.eval.karpathy import write_karpathy
 from sigscale.eval.xm3600 import write_xm3600
 
 
@@ -53,6 +56,48 @@ def _sigscale(*args: str) -> List[str]:
     return [sys.executable, "-m", "sigscale.cli", *args]
 
 
+def _heldout_sets(out: Path, size: DemoSize) -> Tuple[Dict[str, Path], Tuple[float, float]]:
+    """The held-out sets in their benchmarks' layouts, and the seconds spent writing all / the Babel + COCO ones."""
+    t0 = time.perf_counter()
+    sets = {"xm3600": write_xm3600(out / "heldout_xm3600", synthetic.xm3600_items(size.heldout, seed=1)),
+            "classes": synthetic.write_image_folder(out / "heldout_classes", per_class=max(4, size.heldout // 24), seed=2)}
+    t1 = time.perf_counter()
+    # Babel-ImageNet indexes ImageNet-1k: the demo's 24 classes stand in for ImageNet classes 0-23, named in the
+    # demo's languages (upper-case codes, as released), with templates made from each language's captions.
+    babel = write_babel_imagenet(
+        out / "heldout_babel", synthetic.class_images(max(4, size.heldout // 24), seed=3),
+        {l.upper(): (list(range(len(synthetic.classes()))), synthetic.class_names(l)) for l in synthetic.LANGUAGES},
+        {l.upper(): synthetic.class_prompts(l) for l in synthetic.LANGUAGES})
+    sets.update({f"babel_{k}": v for k, v in babel.items()})
+    sets["coco"] = write_karpathy(out / "heldout_coco", "coco", synthetic.karpathy_items(size.heldout, seed=4))
+    return sets, (time.perf_counter() - t0, time.perf_counter() - t1)
+
+
+def _image_dirs(sets: Dict[str, Path]) -> str:
+    """The held-out image folders, comma-separated: curation drops their images (and near-duplicates) from training."""
+    return ",".join(str(sets[k]) for k in ("xm3600", "classes", "babel_imagenet", "coco"))  # searched recursively
+
+
+def _eval_config(sets: Dict[str, Path]):
+    """Every held-out set, each under the benchmark whose format it is written in."""
+    from sigscale.pretrain.config import EvalConfig
+
+    return EvalConfig(benchmarks=["zeroshot", "xm3600", "babel_imagenet", "coco"], batch_size=128,
+                      classification_dir=str(sets["classes"]), xm3600_dir=str(sets["xm3600"]),
+                      imagenet_dir=str(sets["babel_imagenet"]), babel_imagenet_labels=str(sets["babel_labels"]),
+                      babel_imagenet_prompts=str(sets["babel_prompts"]), coco_dir=str(sets["coco"]))
+
+
+def _print_babel_and_coco(records: List[dict], sets_seconds: Tuple[float, float]) -> None:
+    """The two sets' numbers and what they cost the demo (writing them, evaluating every checkpoint on them)."""
+    b, c = records[-1]["benchmarks"]["babel_imagenet"], records[-1]["benchmarks"]["coco"]["all"]
+    print(f"   Babel-ImageNet format, {len(b['languages'])} languages: mean top-1 {b['mean']['top1']:.1f}% "
+          f"(chance {b['chance_top1']:.1f}%); COCO Karpathy format: I→T R@1 {c['i2t_r@1']:.1f}, T→I R@1 {c['t2i_r@1']:.1f}")
+    extra = sum(r["benchmarks"][n]["seconds"] for r in records for n in ("babel_imagenet", "coco"))
+    print(f"   eval sets written in {sets_seconds[0]:.1f} s (Babel-ImageNet + COCO: {sets_seconds[1]:.1f} s); "
+          f"Babel-ImageNet + COCO evaluated in {extra:.1f} s over {len(records)} checkpoints")
+
+
 def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoid", cluster: str = "") -> Path:
     """Run every stage into ``out``; returns the HTML report's path."""
     from sigscale.core.manifest import load_manifest
@@ -61,7 +106,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     from sigscale.eval.run import evaluate_checkpoints
     from sigscale.eval.report import headline, write_report
     from sigscale.core.config import config_hash
-    from sigscale.pretrain.config import EvalConfig, load_config
+    from sigscale.pretrain.config import load_config
     from sigscale.core.rundir import RunDir
     from sigscale.pretrain.tokenizer import Tokenizer
 
@@ -69,9 +114,9 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     out = Path(out)
     t0 = time.perf_counter()
 
-    _stage("held-out evaluation sets: XM3600 layout (9 languages) and an ImageFolder of 24 classes")
-    xm = write_xm3600(out / "heldout_xm3600", synthetic.xm3600_items(size.heldout, seed=1))
-    cls = synthetic.write_image_folder(out / "heldout_classes", per_class=max(4, size.heldout // 24), seed=2)
+    _stage("held-out evaluation sets: XM3600 layout (9 languages), an ImageFolder of 24 classes, Babel-ImageNet "
+           "layout (the 24 classes named in 9 languages) and COCO Karpathy layout (English)")
+    sets, sets_seconds = _heldout_sets(out, size)
 
     _stage(f"curate: {size.samples} URLs served from 127.0.0.1 (some broken, some near-duplicates) "
            "-> img2dataset -> filters -> shards")
@@ -80,7 +125,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     with ImageServer(size=64) as server:
         urls = write_url_list(out / "urls.parquet", size.samples, server.base_url, seed=0)
         _run(_sigscale("curate", "--config", "curation/demo", f"input.path={urls}", f"output.dir={shards}",
-                       f"image.decontaminate=[{xm / 'images'},{cls}]"), "curation")
+                       f"image.decontaminate=[{_image_dirs(sets)}]"), "curation")
     manifest = load_manifest(shards)
     stats = json.loads((shards / "stats.json").read_text())
     print(f"   kept {manifest.num_samples} of {size.samples} rows in {len(manifest.shards)} shards; "
@@ -110,10 +155,8 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     cfg = load_config("tiny", overrides)
     print(f"   tokenizer: vocab {Tokenizer(RunDir(run_dir).tokenizer).vocab_size}, {RunDir(run_dir).tokenizer}")
 
-    _stage("eval: every kept checkpoint on the held-out XM3600-format and classification sets")
-    job = EvalJobConfig(checkpoints=[str(run_dir / "checkpoints")], out=str(out / "report"),
-                        eval=EvalConfig(benchmarks=["zeroshot", "xm3600"], classification_dir=str(cls),
-                                        xm3600_dir=str(xm), batch_size=128))
+    _stage("eval: every kept checkpoint on the held-out XM3600, classification, Babel-ImageNet and COCO-format sets")
+    job = EvalJobConfig(checkpoints=[str(run_dir / "checkpoints")], out=str(out / "report"), eval=_eval_config(sets))
     records = evaluate_checkpoints(job)
     paths = write_report(records, Path(job.out), title=f"sigscale demo: tiny SigLIP, {loss} loss, {size.steps} steps",
                          job={"config": "tiny", "overrides": overrides, "config_hash": config_hash(cfg),
@@ -129,6 +172,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
           f"T→I R@1/5/10 {m['t2i_r@1']:.1f} / {m['t2i_r@5']:.1f} / {m['t2i_r@10']:.1f}")
     for lang, lm in x["languages"].items():
         print(f"     {lang}: I→T R@1 {lm['i2t_r@1']:5.1f}  T→I R@1 {lm['t2i_r@1']:5.1f}")
+    _print_babel_and_coco(records, sets_seconds)
     print(f"   headline: {json.dumps({k: round(v, 1) for k, v in headline(records[-1]).items()}, ensure_ascii=False)}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     print(f"report: {paths['html'].resolve()}")

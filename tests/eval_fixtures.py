@@ -255,3 +255,64 @@ def parse_html(path: Path) -> ReportPage:
     page = ReportPage()
     page.feed(Path(path).read_text(encoding="utf-8"))
     return page
+
+
+class ReportTables(HTMLParser):
+    """Every table of a report page: {h2 title: (note, rows)}, each row a list of cell texts, header first."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.published = {}, set()
+        self._title, self._note, self._rows, self._cell, self._in, self._block = "", "", None, None, "", []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "div":
+            self._block.append(dict(attrs).get("class", ""))
+        elif tag in ("h2", "p"):
+            self._in, self._note = tag, self._note if tag == "p" else ""
+            if tag == "h2":
+                self._title = ""
+        elif tag == "table":
+            self._rows = []
+        elif tag == "tr":
+            self._rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._block:
+            self._block.pop()
+        elif tag in ("h2", "p"):
+            self._in = ""
+        elif tag in ("td", "th"):
+            self._rows[-1].append(self._cell.strip())
+            self._cell = None
+        elif tag == "table":
+            self.tables[self._title] = (self._note, self._rows)
+            if "published" in self._block:
+                self.published.add(self._title)
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        elif self._in == "h2":
+            self._title += data
+        elif self._in == "p":
+            self._note += data
+
+
+def html_tables(path: Path) -> ReportTables:
+    page = ReportTables()
+    page.feed(Path(path).read_text(encoding="utf-8"))
+    return page
+
+
+def markdown_tables(path: Path) -> Dict[str, List[List[str]]]:
+    """{## title: rows (header first, cells stripped)} of a report's Markdown."""
+    out, title = {}, None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("|") and title is not None and not line.startswith("|---"):
+            out.setdefault(title, []).append([c.strip().strip("*") for c in line.strip("|").split(" | ")])
+    return out

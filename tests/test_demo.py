@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from eval_fixtures import parse_html
+from eval_fixtures import html_tables, parse_html
+from sigscale.curation.synthetic import LANGUAGES, classes
 
 
 @pytest.mark.slow
@@ -33,11 +34,27 @@ def test_quick_demo_learns_far_above_chance_and_writes_the_report(tmp_path):
     assert len(xm["languages"]) == 9
     chance_r5 = 5 * xm["chance_r@1"]
     assert xm["mean"]["i2t_r@5"] > 3 * chance_r5 and xm["mean"]["t2i_r@5"] > 3 * chance_r5, xm["mean"]
+    # the multilingual zero-shot set (Babel-ImageNet layout) and the English retrieval set (COCO Karpathy layout)
+    babel, coco = records[-1]["benchmarks"]["babel_imagenet"], records[-1]["benchmarks"]["coco"]
+    assert {l: v["classes"] for l, v in babel["languages"].items()} == {l.upper(): len(classes()) for l in LANGUAGES}
+    assert babel["mean"]["top1"] > 2 * babel["chance_top1"], babel["mean"]
+    assert coco["images"] == 120 and coco["captions"] == 4 * 120 and coco["split"] == "test"
+    assert coco["all"]["i2t_r@5"] > 2 * 5 * coco["chance_r@1"] and coco["all"]["t2i_r@5"] > 2 * 5 * coco["chance_r@1"]
+    assert "Babel-ImageNet format, 9 languages" in proc.stdout and "Babel-ImageNet + COCO evaluated in" in proc.stdout
     # and training itself lowered the loss
     losses = [json.loads(l)["loss"] for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 3
 
     assert f"Trained on {stats['kept']} curated pairs of 4096 URL-list rows" in html_path.read_text(encoding="utf-8")
+    tables = html_tables(html_path).tables
+    title = next(t for t in tables if t.startswith("babel_imagenet per language"))
+    rows = {r[0]: r for r in tables[title][1][1:]}
+    for lang, v in babel["languages"].items():
+        assert rows[lang][1:4] == [f"{v['top1']:.2f}", f"{v['top5']:.2f}", str(v["classes"])]
+    coco_table = tables[next(t for t in tables if t.startswith("coco ("))][1]
+    assert coco_table[1][coco_table[0].index("i2t_r@1")] == f"{coco['all']['i2t_r@1']:.2f}"
+    view = tables[next(t for t in tables if t.startswith("Languages view"))][1]
+    assert [r[0] for r in view[1:]] == sorted(LANGUAGES) and "—" not in sum(view, [])
     page = parse_html(html_path)
     assert page.tables >= 2 and len(page.srcs) >= 3
     assert all(src.startswith("data:image/png;base64,") for src in page.srcs)

@@ -258,3 +258,29 @@ def test_new_benchmarks_over_two_ranks_equal_one_process(tiny, tmp_path):
                 assert a[k] == b[k], (name, k)
             else:
                 assert a[k] == pytest.approx(b[k], abs=100 / 3 + 1e-6), (name, k)
+
+
+def test_writers_produce_what_the_loaders_read(tmp_path):
+    """The demo's sets in the released layouts (eval/babel.py, eval/karpathy.py write them) read back exactly."""
+    from sigscale.curation import synthetic
+    from sigscale.eval.babel import write_babel_imagenet
+    from sigscale.eval.imagenet import IMAGENET_CLASSNAMES
+    from sigscale.eval.karpathy import write_karpathy
+    from sigscale.eval.zeroshot import load_image_folder
+
+    n = len(synthetic.classes())
+    labels = {"EN": (list(range(n)), synthetic.class_names("en")), "DE": (list(range(n - 1)), synthetic.class_names("de")[:-1])}
+    files = write_babel_imagenet(tmp_path / "babel", synthetic.class_images(2, seed=3, size=32), labels,
+                                 {"DE": synthetic.class_prompts("de")})
+    assert load_babel_labels(files["labels"]) == labels
+    assert json.loads(files["prompts"].read_text(encoding="utf-8"))["DE"][0] == "{} links"
+    paths, y, names = load_image_folder(files["imagenet"])
+    assert len(paths) == 2 * n and y == [i for i in range(n) for _ in range(2)] and names == list(IMAGENET_CLASSNAMES)
+    items = list(synthetic.karpathy_items(4, size=32)) + list(synthetic.karpathy_items(2, seed=5, size=32, split="val"))
+    root = write_karpathy(tmp_path / "coco", "coco", items)
+    paths, texts, owners = load_karpathy(root, "coco", "test")
+    assert [p.name for p in paths] == [i[1] for i in items[:4]] and all(p.parent.name == "val2014" for p in paths)
+    assert texts == [c for i in items[:4] for c in i[3]] and owners == [k for k in range(4) for _ in range(4)]
+    doc = json.loads((root / "dataset_coco.json").read_text())
+    assert {"filepath", "filename", "imgid", "split", "sentids", "sentences", "cocoid"} <= set(doc["images"][0])
+    assert doc["images"][4]["split"] == "val" and doc["images"][4]["sentids"] == list(range(16, 20))
