@@ -305,11 +305,13 @@ def test_unknown_benchmark_fails_before_training(tmp_path, data):
 def test_resume_refuses_a_changed_model_or_recipe_and_names_the_keys(tmp_path, data):
     run = tmp_path / "run"
     train(load_config("tiny", overrides(data, run, 2, 2)))
+    recorded = (run / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"resuming would change model.vision.width: 64 -> 128.*new train.out_dir"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128"])))
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002; train.steps: 2 -> 4"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["train.lr=2e-3"])))
     assert len(list_checkpoints(run / "checkpoints")) == 1  # nothing was trained by the refused runs
+    assert (run / "config.yaml").read_text() == recorded  # nor did they overwrite the run's config
     # Keys named in train.allow_changes may change (not model shapes); logging cadence always may.
     with pytest.raises(ConfigError, match=r"model.vision.width"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128",
@@ -343,6 +345,19 @@ def test_single_process_computes_in_the_precision_asked_for(tmp_path, data, prec
     result = train(cfg, hooks=[watch])
     assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
     assert all(math.isfinite(l) for l in result.losses)
+
+
+@pytest.mark.multiproc
+def test_two_ddp_ranks_compute_in_bf16_when_asked(tmp_path):
+    """DDP does not cast by itself: precision=bf16 autocasts its towers (it was a silent fp32)."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT.parent / "precision_probe.py"), str(out), "ddp", "bf16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["wrapper"] == "DistributedDataParallel" and got["dtypes"] == ["torch.bfloat16"]
+    assert math.isfinite(got["loss"])
 
 
 def test_a_run_says_what_it_is_and_how_long_it_has_left(tmp_path, data, capsys):
