@@ -156,3 +156,25 @@ def test_every_flag_has_help_that_states_its_default():
     silent = [f"{cmd} {name}" for cmd, name, a in options
               if a.default not in (None, False) and a.choices is None and str(a.default) not in a.help]
     assert silent == []
+
+
+def test_export_of_foreign_open_clip_weights_takes_the_model_flag_its_error_names(tmp_path, capsys):
+    """open_clip weights without sigscale's config (anyone's open_clip checkpoint) need the model config:
+    the error says --model, and export takes --model."""
+    from safetensors.torch import load_file
+
+    from sigscale.pretrain.interop import export_open_clip
+
+    torch.manual_seed(0)
+    model = create_model(load_config("tiny").model)
+    ours = export_open_clip(model, tmp_path / "ours.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(load_file(str(ours)), str(foreign))  # the same tensors, no config in the metadata
+    out = tmp_path / "again.safetensors"
+    assert main(["export", "--checkpoint", str(foreign), "--format", "open_clip", "--out", str(out)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(foreign), "--format", "open_clip", "--out", str(out),
+                 "--model", "tiny"]) == 0
+    back = load_model(out)  # the export carries the config now
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
