@@ -129,6 +129,8 @@ def test_a_run_with_relative_paths_evaluates_and_exports_from_another_directory(
     assert main(["eval", "--checkpoint", str(ckpt), "--benchmarks", "retrieval", "--retrieval-shards",
                  str(work / "shards"), "--max-samples", "16", "--batch-size", "16", "--out", "report"]) == 0
     assert (elsewhere / "report" / "report.json").is_file()
+    said = capsys.readouterr().out  # evaluation says what it starts and when it is done, not only the numbers
+    assert said.index(f"eval [1/1] {ckpt}: retrieval") < said.index("eval [1/1] done in ") < said.index("report:")
     assert main(["export", "--checkpoint", str(ckpt), "--out", "hf"]) == 0  # no --tokenizer: the run's own
     assert (elsewhere / "hf" / "spiece.model").read_bytes() == (work / "tok.model").read_bytes()
 
