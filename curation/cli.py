@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from sigscale.curation.config import FINALIZE_STEPS
+# The partitioned finalize's steps as `sigscale curate --finalize-step` names them (curation/pipeline.py runs
+# them). Kept here, not in curation.config: that pulls omegaconf and py3langid, and `sigscale --help` must not.
+FINALIZE_STEPS = ("prepare", "scatter", "near")
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

@@ -119,10 +119,6 @@ class BalanceConfig:
     seed: int = 0
 
 
-# The partitioned finalize's steps as `sigscale curate --finalize-step` names them (curation/pipeline.py runs them).
-FINALIZE_STEPS = ("prepare", "scatter", "near")
-
-
 @dataclass
 class OutputConfig:
     dir: str = ""

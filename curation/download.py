@@ -33,6 +33,7 @@ from typing import Iterator, Mapping, Optional, Tuple
 
 import pandas as pd
 
+from sigscale.core.progress import Progress
 from sigscale.curation.config import CurationError, DownloadConfig
 from sigscale.curation.fetch import FETCH_REASONS, FetchGateway, Fetcher, FetchLimits
 from sigscale.curation.url_policy import UrlPolicy
@@ -108,12 +109,14 @@ def fetch_limits(cfg: DownloadConfig) -> FetchLimits:
                        max_redirects=cfg.max_redirects, retries=cfg.retries)
 
 
-def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: UrlPolicy = UrlPolicy()) -> pd.DataFrame:
+def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: UrlPolicy = UrlPolicy(),
+             label: str = "") -> pd.DataFrame:
     """Fetch ``rows`` (columns row, url, caption) into ``out_dir`` (must not exist yet) under ``policy``.
 
     The default policy is the strictest: public addresses only.
     Returns one line per input row: row, reason (None when the image arrived), shard (the tar's
     stem), key, original_width, original_height, final_url (where the body came from after redirects).
+    Progress (URLs done of ``len(rows)``, ETA) is printed while it runs; ``label`` names the part.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -125,6 +128,7 @@ def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: Url
     shards = out_dir / "shards"
     fetcher = Fetcher(policy, fetch_limits(cfg))
     with FetchGateway(dict(zip(rows["row"].tolist(), rows["url"].tolist())), fetcher) as gateway, _environment(cfg):
+        gateway.progress = Progress(f"curate: download {label}".rstrip(), len(rows), "URLs done")
         pd.DataFrame({"url": [gateway.url_for(r) for r in rows["row"].tolist()],
                       "caption": rows["caption"].to_numpy(),
                       ROW_COL: rows["row"].to_numpy(dtype="int64")}).to_parquet(url_list, index=False)
@@ -145,6 +149,7 @@ def download(rows: pd.DataFrame, out_dir: Path, cfg: DownloadConfig, policy: Url
             disallowed_header_directives=list(cfg.disallowed_header_directives),
             user_agent_token=cfg.user_agent_token or None,
         )
+    gateway.progress.close()
     fetched = dict(gateway.outcomes)
     pd.DataFrame({"row": list(fetched), "reason": [v[0] for v in fetched.values()],
                   "final_url": [v[1] for v in fetched.values()]}).to_parquet(out_dir / "fetched.parquet", index=False)

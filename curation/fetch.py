@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from urllib.parse import quote, urljoin, urlsplit
 
+from sigscale.core.progress import Progress
 from sigscale.curation.url_policy import (
     URL_INVALID, URL_PRIVATE, URL_UNRESOLVABLE, IPAddress, Resolver, Target, UrlPolicy, host_verdict, resolve,
     split_url,
@@ -350,12 +351,12 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         url = self.server.urls.get(int(row)) if secret == self.server.secret and row.isdigit() else None
         if url is None:
             return self._reply_error(404, "unknown row")
-        record = self.server.outcomes
+        record = self.server.record
         try:
             agent = self.headers.get("User-Agent")  # img2dataset's, with its user_agent_token
             opened = self.server.fetcher.open(url, {"User-Agent": agent} if agent else {})
         except Refused as r:
-            record[int(row)] = (r.reason, r.url or url)
+            record(int(row), r.reason, r.url or url)
             return self._reply_error(502, r.reason)
         with opened:
             self.send_response(200)
@@ -370,11 +371,11 @@ class _GatewayHandler(BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.write(b"0\r\n\r\n")
             except Refused as r:  # no last chunk: urllib raises IncompleteRead, the row is not kept
-                record[int(row)] = (r.reason, opened.final_url)
+                record(int(row), r.reason, opened.final_url)
                 return
             except OSError:  # img2dataset stopped reading (its X-Robots-Tag check); its own result decides
                 pass
-            record[int(row)] = (None, opened.final_url)
+            record(int(row), None, opened.final_url)
 
 
 class FetchGateway(ThreadingHTTPServer):
@@ -389,7 +390,14 @@ class FetchGateway(ThreadingHTTPServer):
         self.fetcher = fetcher
         self.secret = secrets.token_urlsafe(16)  # only this run's rows, and only for whoever was told the URLs
         self.outcomes: Dict[int, Tuple[Optional[str], str]] = {}
+        self.progress: Optional[Progress] = None  # counts URLs done, for the download's progress lines
         self._thread: Optional[threading.Thread] = None
+
+    def record(self, row: int, reason: Optional[str], final_url: str) -> None:
+        """The outcome of ``row`` (None: the body was served), counted in ``progress`` when one is set."""
+        self.outcomes[row] = (reason, final_url)
+        if self.progress is not None:
+            self.progress.update()
 
     def url_for(self, row: int) -> str:
         """The loopback URL img2dataset is given for ``row``."""

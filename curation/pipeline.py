@@ -27,6 +27,7 @@ import pandas as pd
 
 from sigscale.core.config import config_hash
 from sigscale.core.manifest import write_shards
+from sigscale.core.progress import Progress
 from sigscale.curation.balance import BALANCE_REASONS, METADATA_UNMATCHED, balance, metadata_balance
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
@@ -159,8 +160,9 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     t0 = time.perf_counter()
     kept, text_drops = filter_text(rows, cfg.text)
     t1 = time.perf_counter()
+    print(f"curate: {part.name} text: {len(rows)} rows, {len(kept)} kept ({t1 - t0:.1f} s)", flush=True)
     results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download,
-                       UrlPolicy.from_config(cfg.text))
+                       UrlPolicy.from_config(cfg.text), label=part.name)
     t2 = time.perf_counter()
     samples: Dict[str, list] = {}
     candidates, image_drops = check_images(results, tmp / "download" / "shards", cfg.image, samples, SAMPLES_PER_REASON)
@@ -363,10 +365,18 @@ def _task_index(index: int, count: int, step: str) -> int:
 
 def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> pd.DataFrame:
     """Run here every partitioned step not yet done; returns the union of their drops (row, reason)."""
+    progress = Progress("curate: finalize", 1 + len(parts) + cfg.output.finalize_partitions,
+                        "steps done (prepare, scatter per part, near per partition)")
     prepare_finalize(cfg)
+    progress.update()
     for part in parts:
         scatter_part(cfg, part.index)
-    paths = [near_partition(cfg, k) for k in range(cfg.output.finalize_partitions)]
+        progress.update()
+    paths = []
+    for k in range(cfg.output.finalize_partitions):
+        paths.append(near_partition(cfg, k))
+        progress.update()
+    progress.close()
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True).drop_duplicates("row")
 
 
@@ -538,8 +548,12 @@ def _report_samples(cfg: CurationConfig, parts: List[Part], meta: pd.DataFrame, 
 
 def curate(cfg: CurationConfig) -> Path:
     """Plan, run every unfinished part here, and finalize; returns the output folder."""
-    for part in plan_parts(cfg):
+    parts = plan_parts(cfg)
+    progress = Progress("curate: parts", parts[-1].stop if parts else 0, "input rows done", every_s=0)
+    for part in parts:
         run_part(cfg, part)
+        progress.update(part.stop - part.start)
+    progress.close()
     return finalize(cfg)
 
 

@@ -23,7 +23,8 @@ _FLAGS = {
 _LISTS = ("benchmarks", "xm3600_languages", "xtd10_languages", "babel_imagenet_languages")
 
 
-def _job(args: argparse.Namespace):
+def job_from_args(args: argparse.Namespace):
+    """The eval job of ``sigscale eval`` / ``sigscale submit eval``: the YAML, its overrides, then the flags."""
     from sigscale.eval.config import load_eval_config
 
     job = load_eval_config(args.config, args.overrides)
@@ -42,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sigscale.core.distributed import die_with_launcher, launch_ranks, launched_by_torchrun, torchrun_command
     from sigscale.eval.config import validate_job
 
-    job = _job(args)
+    job = job_from_args(args)
     validate_job(job)  # fail here, not in every rank
     if args.nproc > 1 and not launched_by_torchrun():
         # Re-run the resolved job under torchrun: each rank embeds a slice of every set.
@@ -86,40 +87,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of an eval job (``sigscale eval`` and ``sigscale submit eval`` take the same ones)."""
+    p.add_argument("--config", help="eval job YAML (path, or a name in configs/eval/); flags below override it")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. eval.batch_size=128")
+    p.add_argument("--checkpoint", nargs="+", help="HF SiglipModel dir, sigscale run dir, run/checkpoints/step_N "
+                   "(or run/checkpoints for every step), open_clip weights")
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: the run's, or spiece.model in an HF dir)")
+    p.add_argument("--model", help="model config for open_clip weights: preset name or experiment YAML")
+    p.add_argument("--benchmarks", help="comma-separated: imagenet,zeroshot,xm3600,retrieval,coco,flickr30k,xtd10,"
+                   "babel_imagenet, clipbench:PATH (a CLIP_benchmark webdataset task folder)")
+    p.add_argument("--out", help="report folder, e.g. reports/NAME")
+    p.add_argument("--imagenet-root", help="ImageNet val: synset folders (n01440764/...) or shards with a class")
+    p.add_argument("--classification-root", help="classification folder (or shards) with classnames.txt")
+    p.add_argument("--classnames", help="class-names file for --classification-root")
+    p.add_argument("--xm3600-root", help="folder with captions.jsonl and images/")
+    p.add_argument("--xm3600-languages", help="comma-separated language codes (default: all in the file)")
+    p.add_argument("--first-caption-only", action="store_true", help="CLIP_benchmark's XM3600 protocol")
+    p.add_argument("--retrieval-shards", help="webdataset split for generic retrieval")
+    p.add_argument("--max-samples", type=int, help="retrieval: first N samples only")
+    p.add_argument("--coco-root", help="folder with dataset_coco.json (Karpathy splits) and the COCO images")
+    p.add_argument("--flickr30k-root", help="folder with dataset_flickr30k.json (Karpathy splits) and the images")
+    p.add_argument("--karpathy-split", help="coco/flickr30k split (default test)")
+    p.add_argument("--xtd10-root", help="XTD10 release: test_image_names.txt + test_1kcaptions_<lang>.txt")
+    p.add_argument("--xtd10-images", help="folder of the images XTD10 lists (default: <xtd10-root>/images)")
+    p.add_argument("--xtd10-languages", help="comma-separated (default: every caption file)")
+    p.add_argument("--babel-imagenet-labels", help="babel_imagenet.json; images from --imagenet-root")
+    p.add_argument("--babel-imagenet-prompts", help="per-language templates JSON (default: English templates)")
+    p.add_argument("--babel-imagenet-languages", help="comma-separated (default: every language in the labels)")
+    p.add_argument("--batch-size", type=int, help="images or captions per forward pass (default eval.batch_size)")
+
+
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     e = add("eval", cmd_eval, "evaluate checkpoints (ImageNet, Babel-ImageNet, XM3600, XTD10, COCO, Flickr30k, CLIP_benchmark tasks, retrieval) and write a report")
-    e.add_argument("--config", help="eval job YAML (path, or a name in configs/eval/); flags below override it")
-    e.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. eval.batch_size=128")
-    e.add_argument("--checkpoint", nargs="+", help="HF SiglipModel dir, sigscale run dir, run/checkpoints/step_N "
-                   "(or run/checkpoints for every step), open_clip weights")
-    e.add_argument("--tokenizer", help="SentencePiece .model (default: the run's, or spiece.model in an HF dir)")
-    e.add_argument("--model", help="model config for open_clip weights: preset name or experiment YAML")
-    e.add_argument("--benchmarks", help="comma-separated: imagenet,zeroshot,xm3600,retrieval,coco,flickr30k,xtd10,"
-                   "babel_imagenet, clipbench:PATH (a CLIP_benchmark webdataset task folder)")
-    e.add_argument("--out", help="report folder, e.g. reports/NAME")
-    e.add_argument("--imagenet-root", help="ImageNet val: synset folders (n01440764/...) or shards with a class")
-    e.add_argument("--classification-root", help="classification folder (or shards) with classnames.txt")
-    e.add_argument("--classnames", help="class-names file for --classification-root")
-    e.add_argument("--xm3600-root", help="folder with captions.jsonl and images/")
-    e.add_argument("--xm3600-languages", help="comma-separated language codes (default: all in the file)")
-    e.add_argument("--first-caption-only", action="store_true", help="CLIP_benchmark's XM3600 protocol")
-    e.add_argument("--retrieval-shards", help="webdataset split for generic retrieval")
-    e.add_argument("--max-samples", type=int, help="retrieval: first N samples only")
-    e.add_argument("--coco-root", help="folder with dataset_coco.json (Karpathy splits) and the COCO images")
-    e.add_argument("--flickr30k-root", help="folder with dataset_flickr30k.json (Karpathy splits) and the images")
-    e.add_argument("--karpathy-split", help="coco/flickr30k split (default test)")
-    e.add_argument("--xtd10-root", help="XTD10 release: test_image_names.txt + test_1kcaptions_<lang>.txt")
-    e.add_argument("--xtd10-images", help="folder of the images XTD10 lists (default: <xtd10-root>/images)")
-    e.add_argument("--xtd10-languages", help="comma-separated (default: every caption file)")
-    e.add_argument("--babel-imagenet-labels", help="babel_imagenet.json; images from --imagenet-root")
-    e.add_argument("--babel-imagenet-prompts", help="per-language templates JSON (default: English templates)")
-    e.add_argument("--babel-imagenet-languages", help="comma-separated (default: every language in the labels)")
-    e.add_argument("--batch-size", type=int)
-    e.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under torchrun the env decides")
-    e.add_argument("--title", default="sigscale evaluation")
+    add_job_arguments(e)
+    e.add_argument("--nproc", type=int, default=1,
+                   help="local processes (torchrun, default 1); under torchrun the env decides")
+    e.add_argument("--title", default="sigscale evaluation", help="report title (default: sigscale evaluation)")
 
     r = add("report", cmd_report, "compare eval reports: `sigscale report compare A B ... --out DIR`")
-    r.add_argument("action", choices=["compare"])
+    r.add_argument("action", choices=["compare"], help="compare: one table and plots over the reports")
     r.add_argument("reports", nargs="+", help="report folders (or their report.json)")
     r.add_argument("--out", required=True, help="folder for compare.{json,md,html}")
-    r.add_argument("--title", default="sigscale comparison")
+    r.add_argument("--title", default="sigscale comparison", help="title (default: sigscale comparison)")

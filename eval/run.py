@@ -76,10 +76,17 @@ def load_tokenizer(source, model: nn.Module, explicit: str = "") -> Tokenizer:
     run = RunDir.of(source.weights)
     pad, canon = (exp.tokenizer.pad_id, exp.tokenizer.canonicalize) if exp else (1, True)
     if explicit:
+        if not Path(explicit).is_file():
+            raise TokenizerError(f"--tokenizer {explicit} does not exist; pass the SentencePiece .model "
+                                 f"{source.path} was trained with")
         tok = Tokenizer(explicit, ctx, pad, canon)
     elif run is not None and run.tokenizer.is_file():
         tok = Tokenizer(run.tokenizer, ctx, pad, canon)
     elif exp is not None and exp.tokenizer.model:
+        if not Path(exp.tokenizer.model).is_file():  # a path relative to where an old run was started, a moved file
+            raise TokenizerError(f"no tokenizer is known for {source.path}: it has no run dir copy and the "
+                                 f"tokenizer.model its config names ({exp.tokenizer.model}) does not exist here; "
+                                 "pass --tokenizer PATH.model (the SentencePiece model it was trained with)")
         tok = Tokenizer(exp.tokenizer.model, ctx, exp.tokenizer.pad_id, exp.tokenizer.canonicalize)
     elif source.kind == "hf" and (source.weights / "spiece.model").is_file():
         tok = Tokenizer(source.weights / "spiece.model", ctx)

@@ -28,7 +28,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--gpus-per-node", "--gpus", dest="gpus", type=int, required=True,
                    help="GPUs per node (as `sigscale submit --gpus-per-node`)")
     p.add_argument("--gpu-mem", required=True, help="memory of one GPU, e.g. 80GB (GB = GiB, as GPU specs mean)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (world size = gpus x nodes)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world size = gpus x nodes; default 1)")
     p.add_argument("--reserve", type=float, default=0.10,
-                   help="fraction of each GPU kept free for the CUDA context and allocator fragmentation")
+                   help="fraction of each GPU kept free for the CUDA context and allocator fragmentation "
+                        "(default 0.1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")

@@ -15,6 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from sigscale.core.progress import eta_seconds, format_duration
 from sigscale.core.rundir import RunDir
 from sigscale.pretrain.config import TrainConfig
 
@@ -49,9 +50,24 @@ class RunLog:
         self.metrics = open(run.metrics, "a")
         self.evals_path = run.evals
         self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step)
+        self._rewrite_eval_at(start_step)
         # A progress bar with ETA on an interactive terminal; plain log lines otherwise (Slurm logs, CI).
         if sys.stdout.isatty():
             self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _rewrite_eval_at(self, step: int) -> None:
+        """TensorBoard's purge drops every tag from ``step`` on, but the evaluation at the resume step ran
+        before its checkpoint and stays (eval.jsonl keeps it): write its scalars again."""
+        if not step or not self.evals_path.is_file():
+            return
+        for line in self.evals_path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("step") == step:
+                self._eval_scalars(step, record.get("headline", {}))
+
+    def _eval_scalars(self, step: int, headline: Dict[str, float]) -> None:
+        for name, value in headline.items():
+            self.tb.add_scalar(f"eval/{name.replace(' ', '/')}", value, step)
 
     def print(self, line: str) -> None:
         if self.is_main:
@@ -86,18 +102,16 @@ class RunLog:
 
     def _eta(self, done: int, now: float) -> str:
         """Time left at the mean step time since this process started (resume included)."""
-        per_step = (now - self.t_start) / max(1, done - self.start_step)
-        left = int(per_step * (self.cfg.steps - done))
-        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        left = eta_seconds(now - self.t_start, done - self.start_step, self.cfg.steps - self.start_step)
+        return format_duration(left or 0.0)
 
     def eval(self, done: int, results: Dict[str, Any], headline: Dict[str, float]) -> None:
         """One periodic evaluation: full results to eval.jsonl, headline numbers to TensorBoard and the terminal."""
         if not self.is_main:
             return
         with open(self.evals_path, "a") as f:
-            f.write(json.dumps({"step": done, "eval": results, "time": time.time()}) + "\n")
-        for name, value in headline.items():
-            self.tb.add_scalar(f"eval/{name.replace(' ', '/')}", value, done)
+            f.write(json.dumps({"step": done, "eval": results, "headline": headline, "time": time.time()}) + "\n")
+        self._eval_scalars(done, headline)
         self.print(f"eval @ {done}: " + "  ".join(f"{k} {v:.1f}" for k, v in headline.items()))
 
     def close(self) -> None:

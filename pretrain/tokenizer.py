@@ -111,6 +111,9 @@ class Tokenizer:
         pad_id: Optional[int] = 1,
         canonicalize_text: bool = True,
     ):
+        if not str(model_path).strip():  # Path("") is ".", which would read "SentencePiece model . does not exist"
+            raise TokenizerError("no SentencePiece model given (the path is empty); set tokenizer.model=PATH.model "
+                                 "(or --tokenizer PATH.model), or train one with `sigscale tokenizer`")
         path = Path(model_path)
         if not path.is_file():
             raise TokenizerError(

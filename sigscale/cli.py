@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("config", cmd_config, "print the fully resolved experiment config", config=True)
 
     tr = add("train", cmd_train, "train a SigLIP model (resumes from the run's latest checkpoint)", config=True)
-    tr.add_argument("--nproc", type=int, default=1, help="local processes (torchrun); under Slurm/torchrun the env decides")
+    tr.add_argument("--nproc", type=int, default=1, help="local processes (torchrun, default 1); under Slurm/torchrun the env decides")
     tr.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out_dir")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in RUN (default: a new run dir per launch "
                                                     "unless train.out_dir names one, which resumes)")
@@ -267,25 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters covered by pieces, the rest by byte fallback (default 0.9995)")
     t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="SentencePiece algorithm")
-    t.add_argument("--no-canonicalize", action="store_true")
+    t.add_argument("--no-canonicalize", action="store_true",
+                   help="keep case and punctuation (default: lower-case, drop punctuation, as big_vision)")
 
     e = add("export", cmd_export, "export a checkpoint to a Hugging Face SiglipModel dir or an open_clip state dict")
     e.add_argument("--checkpoint", required=True, help="a run dir, step checkpoint, HF dir or open_clip weights")
     e.add_argument("--out", required=True, help="HF: a folder; open_clip: a .safetensors/.pt file or a folder")
-    e.add_argument("--format", choices=["hf", "open_clip"], default="hf")
+    e.add_argument("--format", choices=["hf", "open_clip"], default="hf",
+                   help="hf: a transformers SiglipModel dir with its processor; open_clip: weights (default hf)")
     e.add_argument("--tokenizer", help="SentencePiece .model to ship with the HF export (default: the run's own)")
     e.add_argument("--model", help="model config of foreign open_clip weights: a preset or an experiment YAML "
                                    "(sigscale's own exports carry it)")
 
     b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
-    b.add_argument("what", choices=sorted(BENCHES))
+    b.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     b.add_argument("--out", help="JSON path to write")
     b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
     b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
-    b.add_argument("--dim", type=int)
+    b.add_argument("--dim", type=int, help="loss/bound: embedding width (default: the benchmark's own)")
     b.add_argument("--impls", help="comma-separated: sigscale,open_clip_bidir,open_clip_gather,naive_allgather,...")
-    b.add_argument("--repeats", type=int)
-    b.add_argument("--chunk-size", type=int)
+    b.add_argument("--repeats", type=int, help="timed repetitions per point (default: the benchmark's own)")
+    b.add_argument("--chunk-size", type=int, help="loss: rows per chunk of the chunked loss (default: its own)")
     b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
     b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     b.add_argument("--rows", help="curation: comma-separated candidate counts for the partitioned finalize on "

@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Callable, List
 
+from sigscale.eval.cli import add_job_arguments
+
 def _resources(args: argparse.Namespace):
     from sigscale.slurm.executor import Resources, parse_time
 
@@ -28,7 +30,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         sub = submit.submit_curate(load_curation_config(args.config, args.overrides), args.cluster, res,
                                    args.dry_run)
     else:
-        sub = submit.submit_eval(args.config, args.overrides, args.cluster, res, args.dry_run)
+        from sigscale.eval.cli import job_from_args
+
+        sub = submit.submit_eval(job_from_args(args), args.cluster, res, args.dry_run)
     if args.dry_run:
         print(sub.script, end="")
         print(f"# dry run: nothing submitted ({len(sub.names)} task(s)"
@@ -94,15 +98,15 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
                          help="slurm: sbatch through submitit; local: the same jobs as processes on this machine")
-    options.add_argument("--nodes", type=int, default=1)
+    options.add_argument("--nodes", type=int, default=1, help="nodes of the training job (default 1)")
     options.add_argument("--gpus-per-node", type=int, default=0, help="training runs one task per GPU")
     options.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 (CPU: ranks per node)")
-    options.add_argument("--cpus-per-task", type=int)
-    options.add_argument("--partition")
-    options.add_argument("--account")
+    options.add_argument("--cpus-per-task", type=int, help="CPUs per task (default: the cluster's)")
+    options.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    options.add_argument("--account", help="Slurm account to charge (default: your default account)")
     options.add_argument("--time", default="60", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (default 60)")
     options.add_argument("--array-parallelism", type=int, default=256,
-                         help="curate/eval: array tasks running at once")
+                         help="curate/eval: array tasks running at once (default 256)")
     options.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     options.add_argument("--wait", action="store_true",
                          help="block until the jobs end (always on with --cluster local)")
@@ -111,7 +115,10 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                         ("curate", "an array over the URL-list parts, then finalize"),
                         ("eval", "an array over checkpoints x benchmarks, then the report")):
         sp = stages.add_parser(stage, parents=[options], help=what, description=what)
-        sp.add_argument("--config", required=stage != "eval", help="the stage's YAML (path, or a name in configs/)")
+        if stage == "eval":  # the flags of `sigscale eval`, so its errors' advice (--checkpoint PATH) holds here
+            add_job_arguments(sp)
+            continue
+        sp.add_argument("--config", required=True, help="the stage's YAML (path, or a name in configs/)")
         sp.add_argument("overrides", nargs="*", help="dot-list overrides, as for the stage's own command")
         if stage == "train":
             sp.add_argument("--collective-timeout", type=int, metavar="SECONDS",
@@ -120,7 +127,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     st = add("status", cmd_status, "state and log file of every job `sigscale submit` recorded for a run")
     st.add_argument("run", nargs="?", help="run dir (default: the runs submitted from this account)")
-    st.add_argument("--last", type=int, default=5, help="without RUN: how many recent runs to show")
+    st.add_argument("--last", type=int, default=5, help="without RUN: how many recent runs to show (default 5)")
 
     c = add("cancel", cmd_cancel, "cancel the unfinished jobs of a run")
     c.add_argument("run", nargs="?", help="run dir (default: the most recently submitted run)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shlex
 import shutil
@@ -13,6 +14,11 @@ from typing import Any, Dict, Iterator, Optional
 from sigscale.core.errors import SigscaleError
 
 CLUSTERS = ("slurm", "local")
+# What sbatch says when it never reached a controller (no or bad slurm.conf, controller down or
+# unreachable): the fix is SLURM_CONF or the cluster, not the job's options.
+UNREACHABLE = ("Unable to contact slurm controller", "Unable to process configuration file",
+               "s_p_parse_file", "Unable to establish controller", "Socket timed out on send/recv",
+               "Zero Bytes were transmitted or received")
 
 
 class SubmitError(SigscaleError, ValueError):
@@ -135,5 +141,10 @@ def sbatch_errors() -> Iterator[None]:
         yield
     except FailedJobError as e:
         msg = " ".join(str(e).split())
+        if any(sign in msg for sign in UNREACHABLE):
+            conf = os.environ.get("SLURM_CONF") or "unset, so the default /etc/slurm/slurm.conf"
+            raise SubmitError(f"--cluster slurm: sbatch cannot reach a Slurm controller ({msg}); SLURM_CONF is {conf}: "
+                              "point SLURM_CONF at the cluster's slurm.conf and check that its controller answers "
+                              "(`scontrol ping`), or use --cluster local") from None
         raise SubmitError(f"sbatch refused the job: {msg}; check --partition, --account, --time and the resources "
                           "against `sinfo` / `sacctmgr show assoc`") from None

@@ -7,17 +7,20 @@ Every submission gets its own submitit folder ``<run>/slurm/NNN-<kind>/`` (pickl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO
 
 from sigscale.core.errors import SigscaleError
+from sigscale.core.progress import Progress
 
 RECORDS = "jobs.jsonl"
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED",
@@ -64,6 +67,33 @@ def new_folder(run_dir: Path, kind: str) -> Path:
     folder = root / f"{n:03d}-{kind}"
     folder.mkdir()
     return folder
+
+
+@contextlib.contextmanager
+def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
+    """A submission that fails before any job is recorded (sbatch unreachable or refusing) removes what it
+    created: the run dir when it made it, else its new ``slurm/`` folders. Recorded jobs keep everything."""
+    run_dir = Path(run_dir).absolute()
+    slurm = run_dir / "slurm"
+    existed = run_dir.exists()
+    before = set(slurm.iterdir()) if slurm.is_dir() else None
+
+    def records_size() -> int:
+        return (slurm / RECORDS).stat().st_size if (slurm / RECORDS).is_file() else 0
+
+    size = records_size()
+    try:
+        yield
+    except SigscaleError:
+        if records_size() == size:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif before is None:
+                shutil.rmtree(slurm, ignore_errors=True)
+            else:
+                for path in set(slurm.iterdir()) - before:
+                    shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def record(sub: Submission) -> None:
@@ -173,12 +203,18 @@ def _done(cluster: str, job) -> bool:
     return state not in ACTIVE and state != "UNKNOWN"
 
 
-def wait(sub: Submission, poll_s: float = 2.0, timeout_s: Optional[float] = None) -> List[Any]:
-    """Block until every job of ``sub`` ends; return task 0's results, or raise naming the failed task."""
+def wait(sub: Submission, poll_s: float = 2.0, timeout_s: Optional[float] = None,
+         progress: Optional[TextIO] = None) -> List[Any]:
+    """Block until every job of ``sub`` ends; return task 0's results, or raise naming the failed task.
+
+    As each job ends, a line with tasks done/total, elapsed time and ETA goes to ``progress`` (default stdout).
+    """
     from submitit.core.utils import pickle_load
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(zip(sub.names, sub.jobs))
+    bar = Progress(f"{sub.kind} ({sub.cluster})", len(pending), "task(s) done", every_s=0,
+                   stream=progress) if pending else None
     while pending:
         _refresh(sub.cluster, [job for _, job in pending])
         still = []
@@ -190,6 +226,8 @@ def wait(sub: Submission, poll_s: float = 2.0, timeout_s: Optional[float] = None
             if not all(_outcome(t) == "success" for t in tasks):
                 # Every other job keeps running: the caller decides (a resubmission skips what finished).
                 raise _failure(sub.kind, name, job, job_state(sub.cluster, job))
+        if bar is not None and len(still) < len(pending):
+            bar.update(len(pending) - len(still))
         pending = still
         if pending:
             if deadline is not None and time.monotonic() > deadline:
@@ -197,6 +235,8 @@ def wait(sub: Submission, poll_s: float = 2.0, timeout_s: Optional[float] = None
                                      f"({', '.join(j.job_id for _, j in pending)}); see `sigscale status "
                                      f"{sub.run_dir}`")
             time.sleep(poll_s)
+    if bar is not None:
+        bar.close()
     out = []
     for job in sub.jobs:
         task = job.task(0) if job.num_tasks > 1 else job

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from sigscale.slurm.arrays import ArrayTask, submit_array
 from sigscale.slurm.executor import Resources, SubmitError, make_executor, sbatch_errors, sbatch_script
-from sigscale.slurm.jobs import Submission, new_folder, record, wait
+from sigscale.slurm.jobs import Submission, new_folder, nothing_left_if_refused, record, wait
 
 
 def _absolute(path: str) -> str:
@@ -50,10 +50,11 @@ def submit_train(cfg, cluster: str, res: Resources, dry_run: bool = False,
         folder = run_dir / "slurm" / "NNN-train"
         return Submission(run_dir, "train", cluster, folder, ["train"],
                           script=sbatch_script(folder, res, requeue=True))
-    folder = new_folder(run_dir, "train")
-    executor = make_executor(cluster, folder, res, requeue=True)
-    with sbatch_errors():
-        job = executor.submit(TrainJob(to_yaml(cfg), timeout_s))
+    with nothing_left_if_refused(run_dir):
+        folder = new_folder(run_dir, "train")
+        executor = make_executor(cluster, folder, res, requeue=True)
+        with sbatch_errors():
+            job = executor.submit(TrainJob(to_yaml(cfg), timeout_s))
     sub = Submission(run_dir, "train", cluster, folder, ["train"], [job])
     record(sub)
     return sub
@@ -84,9 +85,10 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
                               output=dataclasses.replace(cfg.output, dir=str(run_dir)))
     if res.job_name == Resources.job_name:
         res = dataclasses.replace(res, job_name=f"sigscale-curate-{cfg.name}")
-    parts = plan_parts(cfg)  # reads the URL list once, here; tasks read only their part's rows
-    tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
-    sub = submit_array(run_dir, "curate", tasks, cluster, res, dry_run)
+    with nothing_left_if_refused(run_dir):
+        parts = plan_parts(cfg)  # reads the URL list once, here; tasks read only their part's rows
+        tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
+        sub = submit_array(run_dir, "curate", tasks, cluster, res, dry_run)
     if dry_run:
         return sub
     key = finalize_key(cfg, parts)  # a finalize-only setting changed: its steps' names (and done markers) change
@@ -133,31 +135,32 @@ def eval_report(job, parts: Sequence[Sequence[Path]], title: str = "sigscale eva
     return {k: str(v) for k, v in paths.items()}
 
 
-def submit_eval(config: str, overrides: Sequence[str], cluster: str, res: Resources,
-                dry_run: bool = False) -> Submission:
-    """One array task per checkpoint × benchmark (single process each), then one job writing the report."""
-    from sigscale.eval.config import load_eval_config, validate_job
+def submit_eval(job, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
+    """One array task per checkpoint × benchmark (single process each) of the eval job ``job``
+    (an ``EvalJobConfig``), then one job writing the report."""
+    from sigscale.eval.config import validate_job
     from sigscale.eval.run import expand_checkpoints
 
-    job = load_eval_config(config, overrides)
+    job = dataclasses.replace(job)
     job.out = _absolute(job.out)
     job.checkpoints = [_absolute(c) for c in job.checkpoints]
     validate_job(job)  # missing data or checkpoints fail here, not in every array task
     run_dir = Path(job.out)
     if res.job_name == Resources.job_name:
         res = dataclasses.replace(res, job_name="sigscale-eval")
-    records = run_dir / "records"
-    if not dry_run:
-        records.mkdir(parents=True, exist_ok=True)
-    tasks, parts = [], []
-    for i, ckpt in enumerate(expand_checkpoints(job.checkpoints)):
-        files = []
-        for bench in job.eval.benchmarks:
-            name = f"{i:03d}-{_slug(Path(ckpt).name)}-{bench}"
-            files.append(records / f"{name}.json")
-            tasks.append(ArrayTask(name, eval_one, (job, ckpt, bench, files[-1])))
-        parts.append(files)
-    sub = submit_array(run_dir, "eval", tasks, cluster, res, dry_run)
+    with nothing_left_if_refused(run_dir):
+        records = run_dir / "records"
+        if not dry_run:
+            records.mkdir(parents=True, exist_ok=True)
+        tasks, parts = [], []
+        for i, ckpt in enumerate(expand_checkpoints(job.checkpoints)):
+            files = []
+            for bench in job.eval.benchmarks:
+                name = f"{i:03d}-{_slug(Path(ckpt).name)}-{bench}"
+                files.append(records / f"{name}.json")
+                tasks.append(ArrayTask(name, eval_one, (job, ckpt, bench, files[-1])))
+            parts.append(files)
+        sub = submit_array(run_dir, "eval", tasks, cluster, res, dry_run)
     if dry_run:
         return sub
     return _then(sub, "eval-report", [ArrayTask("report", eval_report, (job, parts))], cluster, res)

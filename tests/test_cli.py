@@ -88,3 +88,100 @@ def test_version_help_texts_and_a_smaller_vocabulary_is_said(tmp_path, capsys):
     assert main(["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "32000"]) == 0
     captured = capsys.readouterr()
     assert "not the 32000 asked for" in captured.err and "wrote" in captured.out
+
+
+HEAVY = ("torch", "torchvision", "open_clip", "timm", "transformers", "wandb", "deepspeed", "submitit")
+# --help prints what argparse holds: not even the config stack or the data libraries.
+HELP_HEAVY = HEAVY + ("numpy", "pandas", "omegaconf", "py3langid")
+
+
+def test_help_and_config_import_no_heavy_library():
+    """`sigscale --help` and `sigscale config` print text: they must not pay for torch, open_clip and the rest."""
+    probe = ("import contextlib, io, sys\n"
+             "from sigscale.cli import main\n"
+             "def loaded(names):\n"
+             "    return sorted({m.split('.')[0] for m in sys.modules} & set(names))\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    try:\n"
+             "        main(['--help'])\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             f"    after_help = loaded({HELP_HEAVY!r})\n"
+             "    rc = main(['config', '--config', 'tiny'])\n"
+             f"print(after_help, rc, loaded({HEAVY!r}))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "0", "[]"]
+
+
+def test_a_run_with_relative_paths_evaluates_and_exports_from_another_directory(tmp_path, monkeypatch, capsys):
+    """The run dir holds what evaluation and export need (its tokenizer, absolute paths), whatever the
+    working directory the run was started from."""
+    from sigscale.core.manifest import write_shards
+    from sigscale.curation.synthetic import shard_records
+    from sigscale.pretrain.tokenizer import train_tokenizer
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_shards(shard_records(64, seed=4), work / "shards", samples_per_shard=32)
+    train_tokenizer([r["txt"] for r in shard_records(600, seed=5)], work / "tok.model", vocab_size=600)
+    monkeypatch.chdir(work)
+    assert main(["train", "--config", "tiny", "data.shards=shards", "tokenizer.model=tok.model", "train.out_dir=run",
+                 "train.steps=2", "train.warmup_steps=1", "train.batch_size=16", "train.ckpt_every=2",
+                 "data.num_workers=0"]) == 0
+    monkeypatch.chdir(elsewhere)
+    ckpt = work / "run" / "checkpoints" / "step_00000002"
+    assert main(["eval", "--checkpoint", str(ckpt), "--benchmarks", "retrieval", "--retrieval-shards",
+                 str(work / "shards"), "--max-samples", "16", "--batch-size", "16", "--out", "report"]) == 0
+    assert (elsewhere / "report" / "report.json").is_file()
+    said = capsys.readouterr().out  # evaluation says what it starts and when it is done, not only the numbers
+    assert said.index(f"eval [1/1] {ckpt}: retrieval") < said.index("eval [1/1] done in ") < said.index("report:")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", "hf"]) == 0  # no --tokenizer: the run's own
+    assert (elsewhere / "hf" / "spiece.model").read_bytes() == (work / "tok.model").read_bytes()
+
+
+def _options(parser, path=("sigscale",)):
+    """(command, option, action) for every argument of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_flag_has_help_that_states_its_default():
+    from sigscale.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert len(options) > 100  # every stage's subcommands were walked
+    no_help = [f"{cmd} {name}" for cmd, name, a in options if not (a.help or "").strip()]
+    assert no_help == []
+    # a default the user would otherwise have to guess is written in the help
+    silent = [f"{cmd} {name}" for cmd, name, a in options
+              if a.default not in (None, False) and a.choices is None and str(a.default) not in a.help]
+    assert silent == []
+
+
+def test_export_of_foreign_open_clip_weights_takes_the_model_flag_its_error_names(tmp_path, capsys):
+    """open_clip weights without sigscale's config (anyone's open_clip checkpoint) need the model config:
+    the error says --model, and export takes --model."""
+    from safetensors.torch import load_file
+
+    from sigscale.pretrain.interop import export_open_clip
+
+    torch.manual_seed(0)
+    model = create_model(load_config("tiny").model)
+    ours = export_open_clip(model, tmp_path / "ours.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(load_file(str(ours)), str(foreign))  # the same tensors, no config in the metadata
+    out = tmp_path / "again.safetensors"
+    assert main(["export", "--checkpoint", str(foreign), "--format", "open_clip", "--out", str(out)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(foreign), "--format", "open_clip", "--out", str(out),
+                 "--model", "tiny"]) == 0
+    back = load_model(out)  # the export carries the config now
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])

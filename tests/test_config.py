@@ -110,3 +110,15 @@ def test_every_shipped_config_loads(name):
     extra = ["train.init_from=/checkpoints/so400m"] if name.startswith("siglit") else []
     cfg = load_config(CONFIG_DIR / name, extra)
     assert cfg.train.batch_size > 0
+
+
+def test_every_stage_finds_a_shipped_config_by_name_with_or_without_its_folder():
+    """`--config eval/heldout` works as `--config curation/default` does, and so do the bare names."""
+    from sigscale.curation.config import load_curation_config
+    from sigscale.eval.config import load_eval_config
+
+    assert load_eval_config("eval/heldout") == load_eval_config("heldout")
+    assert load_eval_config("heldout").eval.benchmarks  # the shipped job, not the empty defaults
+    where = ["input.path=urls.parquet", "output.dir=curated"]
+    assert load_curation_config("curation/default", where) == load_curation_config("default", where)
+    assert load_config("tiny") == load_config("tiny.yaml")

@@ -1,5 +1,6 @@
 """Curation end to end: real img2dataset downloads from a loopback server, parts, resume, accounting, shards."""
 import base64
+import contextlib
 import io
 import json
 import re
@@ -57,9 +58,11 @@ def curated(tmp_path_factory, server):
         finalize(cfg)
     before = (first / "done.json").stat().st_mtime_ns
     sigint = signal.getsignal(signal.SIGINT)
-    out = curate(cfg)
+    log = io.StringIO()  # not a terminal: progress comes as plain lines
+    with contextlib.redirect_stdout(log):
+        out = curate(cfg)
     return {"dir": d, "cfg": cfg, "out": out, "parts": parts, "sigint_kept": signal.getsignal(signal.SIGINT) is sigint,
-            "part0_untouched": (first / "done.json").stat().st_mtime_ns == before}
+            "part0_untouched": (first / "done.json").stat().st_mtime_ns == before, "log": log.getvalue()}
 
 
 def expected_reason(row: pd.Series) -> object:
@@ -69,6 +72,30 @@ def expected_reason(row: pd.Series) -> object:
     if row.name in EVAL_ROWS:
         return "eval_duplicate"
     return row["expect"]
+
+
+def test_curation_says_how_far_each_stage_is_with_counts_and_eta(curated):
+    """Text rows, downloads, parts and finalize steps each report done/total, elapsed and ETA in log lines."""
+    log, parts, cfg = curated["log"], curated["parts"], curated["cfg"]
+    clock = r"\d+:\d\d:\d\d"
+    text = re.search(r"^curate: part-00001 text: (\d+) rows, (\d+) kept \(", log, re.M)
+    rows = len(pd.read_parquet(cfg.work_dir / "inputs" / "part-00001.parquet"))
+    assert text and int(text.group(1)) == rows and 0 < int(text.group(2)) <= rows
+    kept = int(text.group(2))
+    downloads = re.findall(rf"^curate: download part-00001: (\d+)/{kept} URLs done, {clock} elapsed, eta (\S+)$",
+                           log, re.M)
+    assert downloads and downloads[-1] == (str(kept), "0:00:00")  # the last line is always there
+    total = parts[-1].stop  # part 0 was curated before: this run starts at its end
+    assert re.search(rf"^curate: parts: {parts[0].stop}/{total} input rows done, {clock} elapsed, eta {clock}$",
+                     log, re.M)
+    assert re.search(rf"^curate: parts: {total}/{total} input rows done, {clock} elapsed, eta 0:00:00$", log, re.M)
+    steps = 1 + len(parts) + cfg.output.finalize_partitions
+    assert re.search(rf"^curate: finalize: {steps}/{steps} steps done \(prepare, scatter per part, near per "
+                     rf"partition\), {clock} elapsed, eta 0:00:00$", log, re.M)
+    # in the order the work happens
+    order = [log.index(s) for s in ("curate: part-00001 text:", "curate: download part-00001:",
+                                    f"curate: parts: {total}/{total}", "curate: finalize:")]
+    assert order == sorted(order)
 
 
 def test_every_row_is_accounted_for(curated):

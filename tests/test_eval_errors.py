@@ -189,3 +189,27 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_older_step(tmp_path,
     with pytest.raises(CheckpointLoadError, match=r"checkpoint .*model.safetensors is damaged and cannot be read "
                                                   r"\(SafetensorError: .*\); write it again"):
         load_model(run)
+
+
+def test_a_missing_tokenizer_names_the_tokenizer_flag(tmp_path):
+    """Weights whose config names a tokenizer path that does not exist here (relative to where an old run was
+    started) point at --tokenizer, not at training a new tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sigscale.core.config import to_yaml
+    from sigscale.eval.run import load_for_eval
+    from sigscale.pretrain.config import load_config
+    from sigscale.pretrain.tokenizer import TokenizerError
+    from sigscale.pretrain.towers import create_model
+
+    cfg = load_config("tiny", ["tokenizer.model=demo_out/tokenizer.model"])
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.safetensors"
+    save_file(create_model(cfg.model).state_dict(), str(weights), metadata={"config": to_yaml(cfg)})
+    with pytest.raises(TokenizerError, match=r"no tokenizer is known for .*weights.safetensors: .*tokenizer.model its "
+                                             r"config names \(demo_out/tokenizer.model\) does not exist here; pass "
+                                             r"--tokenizer PATH.model"):
+        load_for_eval(str(weights))
+    with pytest.raises(TokenizerError, match=r"^--tokenizer .*nope.model does not exist; pass the SentencePiece"):
+        load_for_eval(str(weights), tokenizer=str(tmp_path / "nope.model"))

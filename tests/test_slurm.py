@@ -214,7 +214,7 @@ def test_eval_array_one_task_per_checkpoint_and_benchmark_matches_in_process_eva
     run = slurm_run[0]
     overrides_ = [f"checkpoints=[{run / 'checkpoints'}]", f"out={tmp_path / 'report'}",
                   "eval.benchmarks=[retrieval]", f"eval.retrieval_shards={data[0]}", "eval.retrieval_max_samples=64"]
-    sub = submit_eval(None, overrides_, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
+    sub = submit_eval(load_eval_config(None, overrides_), "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
     assert sub.names == ["000-step_00000024-retrieval", "001-step_00000048-retrieval", "report"]
     wait(sub, poll_s=1, timeout_s=300)
     report = json.loads((tmp_path / "report" / "report.json").read_text())

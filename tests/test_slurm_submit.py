@@ -1,9 +1,16 @@
 """`sigscale submit` without a cluster: the sbatch script of --dry-run, errors, and local job arrays."""
 from __future__ import annotations
 
+import io
 import os
+import re
+import shutil
+import socket
 import stat
+import subprocess
 import sys
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -170,3 +177,64 @@ def test_local_array_runs_in_capped_waves_skips_done_tasks_and_names_a_failure(t
     # resubmission runs only the task that failed
     again = submit_array(run, "check", good + [bad], "local", Resources(array_parallelism=2), dry_run=True)
     assert again.names == ["broken"] and again.skipped == ["ok0", "ok1", "ok2"]
+
+
+def test_wait_says_tasks_done_elapsed_and_eta_as_each_job_ends(tmp_path):
+    """`submit --wait` (and the local cluster) print progress while jobs run, not only when all are done."""
+    gate = tmp_path / "gate"
+    quick = [ArrayTask(f"quick{i}", subprocess.run, (["true"],)) for i in range(2)]
+    slow = ArrayTask("slow", subprocess.run, (["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.1; done"],))
+    sub = submit_array(tmp_path / "run", "check", quick + [slow], "local", Resources())
+    out = io.StringIO()  # not a terminal: one plain line per finished job
+    waiter = threading.Thread(target=wait, args=(sub,), kwargs=dict(poll_s=0.2, timeout_s=120, progress=out))
+    waiter.start()
+    deadline = time.monotonic() + 90
+    while "check (local): 2/3 task(s) done" not in out.getvalue():
+        assert time.monotonic() < deadline and waiter.is_alive(), out.getvalue()
+        time.sleep(0.2)
+    assert not sub.jobs[2].done()  # said while the slow task still runs
+    gate.touch()
+    waiter.join(120)
+    clock = r"\d+:\d\d:\d\d"
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(rf"check \(local\): 2/3 task\(s\) done, {clock} elapsed, eta {clock}", lines[-2])
+    assert re.fullmatch(rf"check \(local\): 3/3 task\(s\) done, {clock} elapsed, eta 0:00:00", lines[-1])
+
+
+def test_unreachable_slurm_blames_slurm_conf_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """The real sbatch against a slurm.conf whose controller does not answer: the error names SLURM_CONF and
+    the controller (with sbatch's own words), not --partition/--account, and nothing is left on disk."""
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        pytest.skip("the Slurm client (sbatch, srun) is not installed here")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"ClusterName=nowhere\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={port}\n"
+                    "MessageTimeout=1\nTCPTimeout=1\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    run = tmp_path / "run"
+    assert main(["submit", "train", "--config", "tiny", f"train.out_dir={run}", "--cluster", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sigscale: error: --cluster slurm: sbatch cannot reach a Slurm controller (")
+    assert "Unable to contact slurm controller" in err and f"SLURM_CONF is {conf}" in err
+    assert "`scontrol ping`" in err and "--partition" not in err
+    assert not run.exists()  # no stray run dir or submitit folder
+    # a run dir that existed keeps what it had, and gets no new slurm/ folder
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    assert main(["submit", "train", "--config", "tiny", f"train.out_dir={run}", "--cluster", "slurm"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_submit_eval_takes_the_flags_its_error_names(tmp_path, shards, capsys):
+    """`submit eval` says "pass --checkpoint PATH" when it has none, and takes --checkpoint like `sigscale eval`."""
+    assert main(["submit", "eval", "--dry-run"]) == 2
+    assert "pass --checkpoint PATH" in capsys.readouterr().err
+    ckpts = [tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"]
+    argv = ["submit", "eval", "--dry-run", "--checkpoint", *map(str, ckpts), "--out", str(tmp_path / "report"),
+            "--benchmarks", "retrieval", "--retrieval-shards", str(shards.parent), "--max-samples", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-1%" in out and "(2 task(s))" in out  # one array task per checkpoint x benchmark
+    assert not (tmp_path / "report").exists()  # a dry run writes nothing

@@ -79,6 +79,10 @@ def test_canonicalize_matches_big_vision_rule():
 def test_errors_name_the_cause(tmp_path):
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer(tmp_path / "missing.model")
+    # an unset path is said to be unset (Path("") would read "SentencePiece model . does not exist")
+    with pytest.raises(TokenizerError, match=r"^no SentencePiece model given \(the path is empty\); set "
+                                             r"tokenizer.model=PATH.model"):
+        Tokenizer("")
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):

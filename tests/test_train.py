@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,7 +285,11 @@ def test_periodic_eval_logs_each_eval_step_once_across_a_resume(tmp_path, data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert any(tag.startswith("eval/retrieval") for tag in events.Tags()["scalars"])
+    # every periodic evaluation reaches TensorBoard, with the numbers eval.jsonl holds
+    for metric in ("i2t_r@1", "t2i_r@1"):
+        scalars = events.Scalars(f"eval/retrieval/{metric}")
+        assert [(e.step, e.value) for e in scalars] == [
+            (r["step"], pytest.approx(r["eval"]["retrieval"]["all"][metric])) for r in again]
 
 
 def test_unknown_benchmark_fails_before_training(tmp_path, data):
@@ -300,11 +305,13 @@ def test_unknown_benchmark_fails_before_training(tmp_path, data):
 def test_resume_refuses_a_changed_model_or_recipe_and_names_the_keys(tmp_path, data):
     run = tmp_path / "run"
     train(load_config("tiny", overrides(data, run, 2, 2)))
+    recorded = (run / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"resuming would change model.vision.width: 64 -> 128.*new train.out_dir"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128"])))
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002; train.steps: 2 -> 4"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["train.lr=2e-3"])))
     assert len(list_checkpoints(run / "checkpoints")) == 1  # nothing was trained by the refused runs
+    assert (run / "config.yaml").read_text() == recorded  # nor did they overwrite the run's config
     # Keys named in train.allow_changes may change (not model shapes); logging cadence always may.
     with pytest.raises(ConfigError, match=r"model.vision.width"):
         train(load_config("tiny", overrides(data, run, 4, 2, ["model.vision.width=128",
@@ -340,6 +347,19 @@ def test_single_process_computes_in_the_precision_asked_for(tmp_path, data, prec
     assert all(math.isfinite(l) for l in result.losses)
 
 
+@pytest.mark.multiproc
+def test_two_ddp_ranks_compute_in_bf16_when_asked(tmp_path):
+    """DDP does not cast by itself: precision=bf16 autocasts its towers (it was a silent fp32)."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT.parent / "precision_probe.py"), str(out), "ddp", "bf16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["wrapper"] == "DistributedDataParallel" and got["dtypes"] == ["torch.bfloat16"]
+    assert math.isfinite(got["loss"])
+
+
 def test_a_run_says_what_it_is_and_how_long_it_has_left(tmp_path, data, capsys):
     result = train(load_config("tiny", overrides(data, tmp_path / "run", 2, 2, ["train.strategy=single"])))
     out = capsys.readouterr().out
@@ -356,3 +376,31 @@ def test_a_moved_run_dir_resumes_where_it_was_left(tmp_path, data):
     shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
     moved = train(load_config("tiny", overrides(data, tmp_path / "b", 4, 2, ["train.allow_changes=[train.steps]"])))
     assert len(moved.losses) == 2 and latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000004"
+
+
+def test_metrics_log_the_rate_each_step_trained_at_with_a_timestamp(tmp_path, data):
+    """metrics.jsonl's lr is the rate the optimizer stepped with (warmup's first at step 0, not 0 at the
+    last step), and every line says when it was written."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    stepped = []  # what each optimizer.step() really used, read by torch's own step hook
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: stepped.append(opt.param_groups[0]["lr"]))
+    t0 = time.time()
+    try:
+        train(load_config("tiny", overrides(data, tmp_path / "run", 6, 6, ["train.lr=1e-3", "train.warmup_steps=2"])))
+    finally:
+        handle.remove()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx(stepped) and len(rows) == 6
+    assert rows[0]["lr"] == pytest.approx(1e-3 / 2)  # linear warmup over 2 steps starts at half the peak
+    assert rows[-1]["lr"] > 0  # the cosine reaches 0 only after the last step
+    times = [r["time"] for r in rows]
+    assert t0 <= times[0] and times == sorted(times) and times[-1] <= time.time()
+
+
+def test_an_unset_tokenizer_says_which_keys_to_set(tmp_path, data):
+    shards, _ = data
+    cfg = load_config("tiny", overrides((shards, "''"), tmp_path / "run", 2, 2))
+    with pytest.raises(ConfigError, match=r"^tokenizer.model is empty and so is data.caption_corpus; set "
+                                          r"tokenizer.model=PATH.model \(`sigscale tokenizer` trains one\)"):
+        train(cfg)
