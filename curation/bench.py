@@ -126,7 +126,7 @@ def _step(results: List[dict], wall: float, rows: int) -> dict:
 
 
 def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100_000,
-                       copies_per_partition: int = 400_000, near_fraction: float = 0.05, workers: int = 2,
+                       copies_per_partition: int = 1_000_000, near_fraction: float = 0.05, workers: int = 2,
                        seed: int = 0) -> dict:
     """Partitioned near-duplicate finalize over ``rows`` synthetic candidates: per-task peak RSS, rows/s, recall."""
     bands = len(band_layout(threshold))
