@@ -17,7 +17,8 @@ from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
-from sigscale.curation.pipeline import curate, finalize, load_outcomes, plan_parts, run_part
+from sigscale.curation.finalize import curate, finalize
+from sigscale.curation.pipeline import load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
 
 pytestmark = pytest.mark.slow  # two img2dataset runs (worker start-up dominates): ~40 s
@@ -239,6 +240,37 @@ def test_metadata_balance_runs_in_finalize_and_accounts_for_every_row(curated, m
         assert stats["dropped"]["balance"] == before["en"] + before["de"] - stats["kept"] > 0
     finally:
         finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+
+
+def shard_contents(folder):
+    """{shard name: [(member, bytes)]} of a curated folder's shards (tar headers' times left out)."""
+    out = {}
+    for path in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar]
+    return out
+
+
+def test_kept_rows_and_shards_do_not_depend_on_partitions_or_download_parts(curated, tmp_path):
+    """Balance (cap), near-duplicates and shard cuts: the same for 1 or 3 partitions and 2 or 3 download parts."""
+    d = curated["dir"]
+    balanced = ["balance.mode=cap", "balance.max_fraction=0.13", "output.samples_per_shard=7"]
+    results = []
+    try:
+        for extra in (["output.finalize_partitions=1"], ["output.finalize_partitions=3"],
+                      ["output.finalize_partitions=3", "output.rows_per_part=70", f"output.dir={tmp_path / 'out3'}"]):
+            cfg = load_curation_config("demo", overrides(d, [*balanced, *extra]))
+            out = curate(cfg)
+            results.append((load_outcomes(out), shard_contents(out), json.loads((out / "stats.json").read_text())))
+    finally:
+        finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+    (first, shards, stats), *others = results
+    assert stats["parts"] == 2 and others[1][2]["parts"] == 3
+    assert (first["reason"] == "balance").sum() > 0 and (first["reason"] == "near_duplicate").sum() >= 5
+    assert len(shards) > 3 and all(len(members) == 3 * 7 for members in list(shards.values())[:-1])
+    for outcomes, contents, _ in others:
+        pd.testing.assert_frame_equal(outcomes, first)
+        assert contents == shards
 
 
 def test_part_settings_cannot_change_under_finished_parts(curated):
