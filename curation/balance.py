@@ -14,9 +14,8 @@ and its per-language form in MetaCLIP 2 (2025): see :func:`metadata_balance`.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import ahocorasick
 import numpy as np
@@ -62,20 +61,29 @@ def target_counts(counts: Dict[str, int], cfg: BalanceConfig) -> Dict[str, int]:
     return {k: min(counts[k], math.floor(total * weights[k] / total_w + 1e-6)) for k in counts}
 
 
-def balance(languages: Sequence[str], cfg: BalanceConfig) -> np.ndarray:
-    """Keep-mask over items (in their merge order) meeting the configured language mix."""
-    languages = np.asarray(languages, dtype=object)
+def balance(languages: Sequence[str], cfg: BalanceConfig, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Keep-mask over items meeting the configured language mix (rows: their ids, default 0..n-1).
+
+    Each language keeps its target number of items with the smallest :func:`balance_keys` (ties: the
+    smaller row): a choice by row id, so any order or partitioning of the items makes the same one.
+    """
+    languages = np.asarray(languages, dtype=object).astype(str)
+    rows = np.arange(len(languages), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
     keep = np.ones(len(languages), dtype=bool)
     if cfg.mode == "none" or len(languages) == 0:
         return keep
-    names, counts = np.unique(languages.astype(str), return_counts=True)
+    names, counts = np.unique(languages, return_counts=True)
     targets = target_counts(dict(zip(names.tolist(), counts.tolist())), cfg)
-    rng = np.random.default_rng(cfg.seed)
+    keys = balance_keys(rows, cfg.seed)
     for name in sorted(targets):
-        idx = np.flatnonzero(languages.astype(str) == name)
-        drop = rng.permutation(idx)[targets[name]:]
-        keep[drop] = False
+        idx = np.flatnonzero(languages == name)
+        keep[idx[np.lexsort((rows[idx], keys[idx]))[targets[name]:]]] = False
     return keep
+
+
+def balance_keys(rows: Sequence[int], seed: int) -> np.ndarray:
+    """The uint64 sort key of each row for the language balance: its seeded uniform's 53 bits."""
+    return (row_uniforms(rows, seed) * float(2 ** 53)).astype(np.uint64)
 
 
 def load_metadata(cfg: BalanceConfig) -> Dict[str, List[str]]:
@@ -129,6 +137,31 @@ def row_uniforms(rows: Sequence[int], seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 
+def entry_counts(matched: List[np.ndarray], languages: Sequence[str], entries: Dict[str, List[str]],
+                 mask: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Per language: how many captions (where ``mask``) contain each entry; counts of parts add up."""
+    counts = {lang: np.zeros(len(words), dtype=np.int64) for lang, words in entries.items()}
+    for i, (ids, lang) in enumerate(zip(matched, languages)):
+        if len(ids) and (mask is None or mask[i]):
+            counts[lang][ids] += 1
+    return counts
+
+
+def metadata_keep(rows: Sequence[int], matched: List[np.ndarray], languages: Sequence[str],
+                  counts: Dict[str, np.ndarray], cfg: BalanceConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """(keep, unmatched) masks: kept with probability min(1, t_lang / count of the rarest matched entry).
+
+    ``counts`` are over the whole list (summed over parts), so a row's decision needs only its own
+    matches and :func:`row_uniforms`: the same in any partitioning.
+    """
+    prob = np.zeros(len(matched))
+    for i, (ids, lang) in enumerate(zip(matched, languages)):
+        if len(ids):
+            prob[i] = min(1.0, cfg.thresholds.get(lang, cfg.threshold) / counts[lang][ids].min())
+    unmatched = np.array([len(ids) == 0 for ids in matched], dtype=bool)
+    return ~unmatched & (row_uniforms(rows, cfg.seed) < prob), unmatched
+
+
 def metadata_balance(rows: Sequence[int], captions: Sequence[str], languages: Sequence[str],
                      cfg: BalanceConfig) -> Tuple[np.ndarray, np.ndarray, Dict[str, dict]]:
     """MetaCLIP balancing: (keep mask, unmatched mask, per-language summary) over the items given.
@@ -144,35 +177,33 @@ def metadata_balance(rows: Sequence[int], captions: Sequence[str], languages: Se
     languages = [str(lang) for lang in languages]
     entries = load_metadata(cfg)
     matched = match_entries(captions, languages, entries)
-    counts = {lang: np.zeros(len(words), dtype=np.int64) for lang, words in entries.items()}
-    for ids, lang in zip(matched, languages):
-        if len(ids):
-            counts[lang][ids] += 1
-    prob = np.zeros(len(languages))
-    for i, (ids, lang) in enumerate(zip(matched, languages)):
-        if len(ids):
-            t = cfg.thresholds.get(lang, cfg.threshold)
-            prob[i] = min(1.0, t / counts[lang][ids].min())  # the rarest matched entry decides
-    unmatched = np.array([len(ids) == 0 for ids in matched], dtype=bool)
-    keep = ~unmatched & (row_uniforms(rows, cfg.seed) < prob)
-    return keep, unmatched, _summary(entries, counts, matched, languages, keep, cfg)
+    counts = entry_counts(matched, languages, entries)
+    keep, unmatched = metadata_keep(rows, matched, languages, counts, cfg)
+    return keep, unmatched, metadata_summary(entries, counts, entry_counts(matched, languages, entries, keep),
+                                             caption_counts(matched, languages, keep), cfg)
 
 
-def _summary(entries: Dict[str, List[str]], counts: Dict[str, np.ndarray], matched: List[np.ndarray],
-             languages: List[str], keep: np.ndarray, cfg: BalanceConfig) -> Dict[str, dict]:
-    """Per language: threshold, entries, matched and kept captions, and the head entries' counts before/after."""
-    kept_counts = {lang: np.zeros_like(c) for lang, c in counts.items()}
+def caption_counts(matched: List[np.ndarray], languages: Sequence[str], keep: np.ndarray) -> Dict[str, List[int]]:
+    """Per language: [captions, captions matching an entry, kept]; counts of parts add up."""
+    out: Dict[str, List[int]] = {}
     for ids, lang, k in zip(matched, languages, keep):
-        if k and len(ids):
-            kept_counts[lang][ids] += 1
-    rows_by_lang = Counter(languages)
+        c = out.setdefault(lang, [0, 0, 0])
+        c[0] += 1
+        c[1] += bool(len(ids))
+        c[2] += bool(k and len(ids))
+    return out
+
+
+def metadata_summary(entries: Dict[str, List[str]], counts: Dict[str, np.ndarray], kept_counts: Dict[str, np.ndarray],
+                     captions: Dict[str, List[int]], cfg: BalanceConfig) -> Dict[str, dict]:
+    """Per language: threshold, entries, matched and kept captions, and the head entries' counts before/after."""
     out = {}
     for lang, words in entries.items():
         c = counts[lang]
         head = np.argsort(-c, kind="stable")[:HEAD_ENTRIES]
-        mine = [k for k, la, ids in zip(keep, languages, matched) if la == lang and len(ids)]
+        total, matched, kept = captions.get(lang, [0, 0, 0])
         out[lang] = {"threshold": cfg.thresholds.get(lang, cfg.threshold), "entries": len(words),
-                     "entries_matched": int((c > 0).sum()), "captions": rows_by_lang.get(lang, 0),
-                     "captions_matched": len(mine), "kept": int(sum(mine)),
+                     "entries_matched": int((c > 0).sum()), "captions": total,
+                     "captions_matched": matched, "kept": kept,
                      "head": [[words[i], int(c[i]), int(kept_counts[lang][i])] for i in head if c[i] > 0]}
     return out

@@ -4,7 +4,9 @@
 demo config and reads the timings the pipeline records in stats.json (img2dataset's worker
 start-up included). ``run_finalize_bench`` runs the partitioned near-duplicate steps
 (:mod:`sigscale.curation.partitions`) on metadata-only candidates with planted near-duplicates,
-each task in a fresh process, and reports every task's peak RSS, rows/s and the planted rows caught.
+then the language balance's count and decide steps per part (cap mode over 20 Zipf-distributed
+language labels), each task in a fresh process, and reports every task's peak RSS, rows/s, the
+planted rows caught and the balance's kept rows against its target.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import resource
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,6 +25,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from sigscale.curation.assemble import language_keep, language_keys
+from sigscale.curation.balance import target_counts
+from sigscale.curation.config import BalanceConfig
 from sigscale.curation.image_filters import THUMB
 from sigscale.curation.partitions import band_layout, partition_drops, scatter
 
@@ -33,7 +39,7 @@ def run_curation_bench(out_json: Optional[str | Path] = None, rows: int = 16384,
                        threads: int = 32) -> dict:
     """Curate ``rows`` generated URLs from 127.0.0.1 and return (and write) the throughput numbers."""
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.pipeline import curate
+    from sigscale.curation.finalize import curate
     from sigscale.curation.serve import ImageServer, write_url_list
 
     with tempfile.TemporaryDirectory() as tmp, ImageServer() as server:
@@ -118,6 +124,38 @@ def _near_task(folder: str, k: int, threshold: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
 
 
+LANGUAGES = 20  # synthetic language labels of the balance steps, Zipf-distributed like a web crawl's
+BALANCE_CAP = BalanceConfig(mode="cap", max_fraction=0.1, seed=0)
+
+
+def synthetic_languages(start: int, n: int, seed: int) -> np.ndarray:
+    """Language labels l00..l19 with P(l_i) proportional to 1/(i+1) for rows [start, start + n)."""
+    p = 1.0 / np.arange(1, LANGUAGES + 1)
+    codes = np.random.default_rng([seed, start, 2]).choice(LANGUAGES, n, p=p / p.sum())
+    return np.array([f"l{i:02d}" for i in range(LANGUAGES)])[codes]
+
+
+def _count_task(folder: str, writer: int, start: int, n: int, seed: int) -> dict:
+    """The balance's count step of one part: its sorted per-language keys (the pipeline's language_keys)."""
+    t0 = time.perf_counter()
+    keys, offsets = language_keys(np.arange(start, start + n, dtype=np.int64), synthetic_languages(start, n, seed),
+                                  BALANCE_CAP.seed)
+    np.save(Path(folder) / "balance" / f"w{writer:05d}.npy", keys)
+    (Path(folder) / "balance" / f"w{writer:05d}.json").write_text(json.dumps(offsets))
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _decide_task(folder: str, writer: int, start: int, n: int, writers: int, seed: int) -> dict:
+    """The balance's decide step of one part: its rows kept, from every part's mapped keys (language_keep)."""
+    t0 = time.perf_counter()
+    base = Path(folder) / "balance"
+    offsets = [json.loads((base / f"w{w:05d}.json").read_text()) for w in range(writers)]
+    mapped = [np.load(base / f"w{w:05d}.npy", mmap_mode="r") for w in range(writers)]
+    keep = language_keep(np.arange(start, start + n, dtype=np.int64), synthetic_languages(start, n, seed), writer,
+                         offsets, mapped, BALANCE_CAP)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "kept": int(keep.sum())}
+
+
 def _step(results: List[dict], wall: float, rows: int) -> dict:
     return {"tasks": len(results), "wall_seconds": round(wall, 1), "rows_per_second": round(rows / wall, 1),
             "task_seconds_max": round(max(r["seconds"] for r in results), 2),
@@ -126,7 +164,7 @@ def _step(results: List[dict], wall: float, rows: int) -> dict:
 
 
 def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100_000,
-                       copies_per_partition: int = 400_000, near_fraction: float = 0.05, workers: int = 2,
+                       copies_per_partition: int = 1_000_000, near_fraction: float = 0.05, workers: int = 2,
                        seed: int = 0) -> dict:
     """Partitioned near-duplicate finalize over ``rows`` synthetic candidates: per-task peak RSS, rows/s, recall."""
     bands = len(band_layout(threshold))
@@ -142,14 +180,28 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
         near = list(pool.map(_near_task, [tmp] * partitions, range(partitions), [threshold] * partitions))
         t2 = time.perf_counter()
         dropped = pd.concat([pd.read_parquet(p) for p in sorted((Path(tmp) / "drops").glob("*.parquet"))])["row"]
+        (Path(tmp) / "balance").mkdir()
+        counted = list(pool.map(_count_task, *zip(*[(tmp, w, s, n, seed) for w, s, n in chunks])))
+        t3 = time.perf_counter()
+        decided = list(pool.map(_decide_task, *zip(*[(tmp, w, s, n, len(chunks), seed) for w, s, n in chunks])))
+        t4 = time.perf_counter()
+    languages = Counter(lang for _, s, n in chunks for lang in synthetic_languages(s, n, seed).tolist())
     planted = np.concatenate([planted_rows(s, n, near_fraction, seed)[0] for _, s, n in chunks])
     dropped = np.unique(dropped.to_numpy(np.int64))
     return {"rows": rows, "phash_threshold": threshold, "bands": bands, "partitions": partitions,
             "writers": len(chunks), "workers": workers, "cpus": os.cpu_count(),
             "copies_per_partition": round(sum(r["copies"] for r in scattered) / partitions),
             "scatter": _step(scattered, t1 - t0, rows), "near": _step(near, t2 - t1, rows),
+            "balance_count": _step(counted, t3 - t2, rows), "balance_decide": _step(decided, t4 - t3, rows),
+            "balance_kept": sum(r["kept"] for r in decided),
+            "balance_target": sum(target_counts(dict(languages), BALANCE_CAP).values()),
             "rows_per_second": round(rows / (t2 - t0), 1), "planted": len(planted),
             "caught": int(np.isin(planted, dropped).sum()), "false_drops": int((~np.isin(dropped, planted)).sum())}
+
+
+def _rate(r: dict) -> float:
+    seconds = r["balance_count"]["wall_seconds"] + r["balance_decide"]["wall_seconds"]
+    return round(r["rows"] / max(seconds, 1e-9), 1)
 
 
 def render_finalize_markdown(results: List[dict], command: str) -> str:
@@ -157,11 +209,14 @@ def render_finalize_markdown(results: List[dict], command: str) -> str:
     lines = [f"`{command}`", "",
              "| rows | pHash h | bands | partitions | scatter tasks | peak RSS / scatter task (MiB, max) "
              "| peak RSS / near task (MiB, max) | scatter rows/s | near rows/s | end-to-end rows/s "
-             "| planted caught | false drops |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| planted caught | false drops | peak RSS / balance count task (MiB, max) "
+             "| peak RSS / balance decide task (MiB, max) | balance count + decide rows/s | balance kept / target |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['phash_threshold']} | {r['bands']} | {r['partitions']} | {r['writers']} "
                      f"| {r['scatter']['peak_rss_mib_max']} | {r['near']['peak_rss_mib_max']} "
                      f"| {r['scatter']['rows_per_second']:,} | {r['near']['rows_per_second']:,} "
-                     f"| {r['rows_per_second']:,} | {r['caught']:,} / {r['planted']:,} | {r['false_drops']} |")
+                     f"| {r['rows_per_second']:,} | {r['caught']:,} / {r['planted']:,} | {r['false_drops']} "
+                     f"| {r['balance_count']['peak_rss_mib_max']} | {r['balance_decide']['peak_rss_mib_max']} "
+                     f"| {_rate(r):,} | {r['balance_kept']:,} / {r['balance_target']:,} |")
     return "\n".join(lines) + "\n"

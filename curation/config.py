@@ -126,7 +126,7 @@ class OutputConfig:
     rows_per_part: int = 100_000  # URL-list rows per part (one local run or one Slurm array task)
     corpus: bool = True  # write captions.txt for tokenizer training
     plots: bool = True
-    keep_downloads: bool = False  # keep img2dataset's raw output inside each part
+    keep_downloads: bool = False  # keep all of img2dataset's output in each part (its tars always stay: the images)
     finalize_partitions: int = 1  # pHash-band partitions of the near-duplicate/decontamination step (one task each)
 
 

@@ -188,7 +188,8 @@ def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig,
                  per_reason: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Per-image checks on downloaded rows (reason None); returns (candidates, drops).
 
-    Candidates hold row, jpg, width, height, nbytes, phash, thumb; drops hold row, reason.
+    Candidates hold row, jpg, shard, key (where the jpg is), width, height, nbytes, phash, thumb; drops hold
+    row, reason.
     ``samples`` (reason -> [(row, jpg)]) receives the first ``per_reason`` dropped images of each
     reason, for the report: the downloads are gone once the part is done.
     """
@@ -219,12 +220,12 @@ def check_images(results: pd.DataFrame, shards_dir: Path, cfg: ImageConfig,
                 if samples is not None and len(samples.setdefault(reason, [])) < per_reason:
                     samples[reason].append((row, data))
                 continue
-            kept.append({"row": row, "jpg": data, "width": meta.get("width"), "height": meta.get("height"),
+            kept.append({"row": row, "jpg": data, "shard": shard, "key": key, "width": meta.get("width"), "height": meta.get("height"),
                          "original_width": int(ow), "original_height": int(oh), "nbytes": len(data),
                          "phash": np.uint64(phash), "thumb": thumb})
     # A row img2dataset reported as a success whose image is not in its tar: counted, not lost.
     drops += [(row, "download_missing") for row, _, _ in wanted.values()]
-    candidates = pd.DataFrame(kept, columns=["row", "jpg", "width", "height", "original_width", "original_height",
+    candidates = pd.DataFrame(kept, columns=["row", "jpg", "shard", "key", "width", "height", "original_width", "original_height",
                                              "nbytes", "phash", "thumb"])
     candidates["phash"] = candidates["phash"].astype(np.uint64)
     return (candidates.sort_values("row").reset_index(drop=True),

@@ -3,8 +3,10 @@
 Multi-index hashing (Norouzi, Punjani & Fleet, CVPR 2012) with exact band matches: the 64-bit
 pHash is cut into h+1 bands (h = ``image.phash_threshold``) of ⌊64/(h+1)⌋ or one more bits. Two
 hashes within Hamming distance h differ in at most h bands, so by pigeonhole they agree exactly on
-at least one. ``scatter`` (one task per download part) writes each candidate's (row, pHash,
-thumbnail) once per band into partition hash(band, band value) mod P; ``partition_drops`` (one
+at least one. ``scatter`` (one task per download part) writes each candidate's (row, pHash, where
+its thumbnail is) once per band into partition hash(band, band value) mod P and its colour thumbnail
+once beside them (thumbs/, mapped by the partition tasks, which read only the thumbnails of
+pHash-close pairs); ``partition_drops`` (one
 task per partition) compares rows that share a band value, verifies the full Hamming distance and
 the colour-thumbnail difference, and drops a row when a verified near-duplicate with a smaller
 row id exists. That rule looks only at pairs, not at which rows an earlier decision kept, so the
@@ -12,7 +14,7 @@ union over partitions is the same set for every P (and equals :func:`near_duplic
 Decontamination is row-local (a candidate against the small eval set), checked in the same tasks;
 contaminated rows take no part in the near-duplicate pairs, as in the single-process order.
 
-Memory per partition task: its share of the (h+1)·N band copies (~800 bytes each), i.e. constant when P
+Memory per partition task: its share of the (h+1)·N band copies (33 bytes each), i.e. constant when P
 grows with N, down to one band group (N / 2^⌊64/(h+1)⌋ rows) as the floor.
 """
 from __future__ import annotations
@@ -22,12 +24,14 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from sigscale.curation.balance import row_uniforms
-from sigscale.curation.image_filters import THUMB, contaminated, expand_ranges, same_colours
+from sigscale.curation.image_filters import THUMB, close_pairs, expand_ranges, same_colours
 
 EVAL_DUPLICATE, NEAR_DUPLICATE = "eval_duplicate", "near_duplicate"
 PARTITION_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE)
+THUMB_BYTES = THUMB * THUMB * 3
 PAIRS_PER_BLOCK = 2_000_000  # candidate pairs verified at once: bounds a task's memory inside a large band group
 _PARTITION_SEED = 0x5167  # fixed: every writer must send a band value to the same partition
 
@@ -54,33 +58,77 @@ def partition_of(band: int, values: np.ndarray, partitions: int) -> np.ndarray:
 
 
 def partition_dir(folder: Path, k: int) -> Path:
-    """Folder of partition k: one parquet per writer."""
+    """Folder of partition k: one Arrow file per writer."""
     return Path(folder) / f"p{k:05d}"
 
 
 def scatter(frame: pd.DataFrame, folder: Path, writer: int, partitions: int, threshold: int) -> int:
     """Write one writer's candidates (row, phash, thumb) into the band partitions; returns the copies written."""
+    n = len(frame)
     hashes = frame["phash"].to_numpy(np.uint64)
-    pieces = []
-    for band, (shift, width) in enumerate(band_layout(threshold)):
-        values = band_values(hashes, shift, width)
-        pieces.append(pd.DataFrame({"band": np.full(len(frame), band, np.int8), "value": values,
-                                    "row": frame["row"].to_numpy(np.int64), "phash": hashes,
-                                    "thumb": frame["thumb"].to_numpy(object),
-                                    "partition": partition_of(band, values, partitions)}))
-    copies = pd.concat(pieces, ignore_index=True)
-    for k, group in copies.groupby("partition", sort=True):
-        path = partition_dir(folder, int(k)) / f"w{writer:05d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group.drop(columns="partition").to_parquet(path.with_suffix(".tmp"), index=False)
-        path.with_suffix(".tmp").replace(path)
-    return len(copies)
+    rows = frame["row"].to_numpy(np.int64)
+    thumbs = thumb_matrix(frame["thumb"])
+    layout = band_layout(threshold)
+    values = np.concatenate([band_values(hashes, shift, width) for shift, width in layout])
+    bands = np.repeat(np.arange(len(layout), dtype=np.int8), n)
+    where = np.concatenate([partition_of(b, values[b * n:(b + 1) * n], partitions) for b in range(len(layout))])
+    order = np.argsort(where, kind="stable")
+    _write_arrow(thumbs_path(folder, writer), pa.table({"thumb": _fixed_binary(thumbs)}))
+    cuts = np.searchsorted(where[order], np.arange(partitions + 1))
+    for k in np.flatnonzero(np.diff(cuts)):
+        pick = order[cuts[k]:cuts[k + 1]]
+        path = partition_dir(folder, int(k)) / f"w{writer:05d}.arrow"
+        src = pick % n  # copy i of band b comes from candidate i - b·n
+        _write_arrow(path, pa.table({"band": bands[pick], "value": values[pick], "row": rows[src],
+                                     "phash": hashes[src], "writer": np.full(len(src), writer, np.int32),
+                                     "index": src.astype(np.int32)}))
+    return len(values)
 
 
-def _thumbs(column: pd.Series) -> np.ndarray:
+def thumbs_path(folder: Path, writer: int) -> Path:
+    """A writer's colour thumbnails, in its candidates' order: stored once, not once per band copy."""
+    return Path(folder) / "thumbs" / f"w{writer:05d}.arrow"
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    """Arrow IPC, uncompressed: the partition task maps it instead of decoding it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.ipc.new_file(str(path.with_suffix(".tmp")), table.schema) as sink:
+        sink.write_table(table)
+    path.with_suffix(".tmp").replace(path)
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def _gather_thumbs(folder: Path, writers: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Thumbnails of the given (writer, index) copies, read from the writers' mapped files (only those pages)."""
+    out = np.empty((len(writers), THUMB_BYTES), np.uint8)
+    for w in np.unique(writers):
+        mine = writers == w
+        out[mine] = thumb_matrix(_read_arrow(thumbs_path(folder, int(w))).column("thumb"))[index[mine]]
+    return out
+
+
+def _fixed_binary(matrix: np.ndarray) -> pa.Array:
+    matrix = np.ascontiguousarray(matrix, np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(THUMB_BYTES), len(matrix), [None, pa.py_buffer(matrix)])
+
+
+def thumb_matrix(column) -> np.ndarray:
+    """Colour thumbnails as an (n, THUMB_BYTES) uint8 matrix, from bytes objects or an Arrow binary column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.FixedSizeBinaryArray):
+        data = np.frombuffer(column.buffers()[1], np.uint8) if len(column) else np.zeros(0, np.uint8)
+        start = column.offset * THUMB_BYTES
+        return data[start:start + len(column) * THUMB_BYTES].reshape(len(column), THUMB_BYTES)
+    if isinstance(column, pa.Array):
+        column = column.to_pylist()
     if not len(column):
-        return np.zeros((0, THUMB * THUMB * 3), np.uint8)
-    return np.frombuffer(b"".join(column), np.uint8).reshape(len(column), -1)
+        return np.zeros((0, THUMB_BYTES), np.uint8)
+    return np.frombuffer(b"".join(column), np.uint8).reshape(len(column), THUMB_BYTES)
 
 
 def _group_ends(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -106,24 +154,33 @@ def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
                     eval_set: Optional[Tuple[np.ndarray, np.ndarray]] = None,
                     block: int = PAIRS_PER_BLOCK) -> pd.DataFrame:
     """Rows of partition k dropped as eval duplicates or near-duplicates (columns row, reason); see module doc."""
-    files = sorted(partition_dir(folder, k).glob("w*.parquet"))
-    copies = (pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files
-              else pd.DataFrame(columns=["band", "value", "row", "phash", "thumb"]))
-    hashes = copies["phash"].to_numpy(np.uint64)
-    thumbs = _thumbs(copies["thumb"])
-    eval_hit = np.zeros(len(copies), dtype=bool)
-    if eval_set is not None:
-        eval_hit = contaminated(hashes, thumbs, eval_set[0], eval_set[1], max(threshold, 0), thumb_max_diff)
-    out = [pd.DataFrame({"row": copies["row"].to_numpy(np.int64)[eval_hit], "reason": EVAL_DUPLICATE})]
+    files = sorted(partition_dir(folder, k).glob("w*.arrow"))
+    table = pa.concat_tables([_read_arrow(f) for f in files]) if files else None
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return table.column(name).to_numpy().astype(dtype, copy=False) if table is not None else np.zeros(0, dtype)
+
+    band, value, row, hashes = column("band", np.int64), column("value", np.int64), column("row", np.int64), \
+        column("phash", np.uint64)
+    writer, index = column("writer", np.int64), column("index", np.int64)
+    eval_hit = np.zeros(len(row), dtype=bool)
+    if eval_set is not None and len(row):
+        i, j = close_pairs(hashes, eval_set[0], max(threshold, 0))
+        ok = same_colours(_gather_thumbs(folder, writer[i], index[i]), eval_set[1], np.arange(len(i)), j,
+                          thumb_max_diff)
+        eval_hit[i[ok]] = True
+    out = [pd.DataFrame({"row": row[eval_hit], "reason": EVAL_DUPLICATE})]
     if threshold >= 0:
         alive = np.flatnonzero(~eval_hit)
-        order = alive[np.lexsort((copies["row"].to_numpy()[alive], copies["value"].to_numpy()[alive],
-                                  copies["band"].to_numpy()[alive]))]
-        ends = _group_ends(copies["band"].to_numpy(np.int64)[order], copies["value"].to_numpy(np.int64)[order])
-        rows = copies["row"].to_numpy(np.int64)[order]
+        order = alive[np.lexsort((row[alive], value[alive], band[alive]))]
+        ends = _group_ends(band[order], value[order])
+        rows = row[order]
         for p, q in _group_pairs(ends, block):
             i, j = order[p], order[q]  # rows ascend inside a group: rows[q] > rows[p]
             close = np.bitwise_count(hashes[i] ^ hashes[j]) <= threshold
-            close[close] = same_colours(thumbs, thumbs, i[close], j[close], thumb_max_diff)
-            out.append(pd.DataFrame({"row": rows[q[close]], "reason": NEAR_DUPLICATE}))
+            i, j, q = i[close], j[close], q[close]
+            pair = np.arange(len(i))
+            same = same_colours(_gather_thumbs(folder, writer[i], index[i]), _gather_thumbs(folder, writer[j], index[j]),
+                                pair, pair, thumb_max_diff)
+            out.append(pd.DataFrame({"row": rows[q[same]], "reason": NEAR_DUPLICATE}))
     return pd.concat(out, ignore_index=True).drop_duplicates("row").sort_values("row", ignore_index=True)

@@ -3,10 +3,11 @@
 ``plan_parts`` reads the URL list once, normalises captions, drops exact (url, caption) duplicates
 over the whole list and cuts the rest into parts of ``output.rows_per_part`` input rows.
 ``run_part`` takes one part through the text stage, img2dataset and the image checks into
-``work/parts/part-NNNNN/`` and marks it done; a rerun skips it. ``finalize`` merges the parts
-deterministically (rows in input order): decontamination, near-duplicates, score filter and
-language balance over all of them, then uniform shards, manifest.json, stats.json, captions.txt,
-report.md and report.html. Every input row ends kept or with one counted drop reason.
+``work/parts/part-NNNNN/`` and marks it done; a rerun skips it. A part keeps img2dataset's tars
+(download/shards/, the only copy of its images) and candidates.parquet (metadata, pHash, thumbnail,
+and where each image is in the tars). The finalize steps here (prepare, scatter per part, near per
+partition) find eval and near duplicates; :mod:`sigscale.curation.finalize` runs the rest per part
+and merges. Every input row ends kept or with one counted drop reason.
 
 Layout under ``output.dir``: shard-NNNNN.tar, manifest.json, stats.json, captions.txt, report.md, report.html,
 plots, and work/ (plan.json, inputs/, parts/).
@@ -14,30 +15,26 @@ plots, and work/ (plan.json, inputs/, parts/).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import pandas as pd
 
 from sigscale.core.config import config_hash
-from sigscale.core.manifest import write_shards
-from sigscale.core.progress import Progress
-from sigscale.curation.balance import BALANCE_REASONS, METADATA_UNMATCHED, balance, metadata_balance
+from sigscale.curation.balance import BALANCE_REASONS
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
-from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE, PARTITION_REASONS, partition_drops, scatter
-from sigscale.curation.report import write_report
+from sigscale.curation.partitions import PARTITION_REASONS, partition_drops, scatter
 from sigscale.curation.sources import list_files, read_url_list
 from sigscale.curation.text_filters import (TEXT_REASONS, cleaned_counts, filter_text, language_outcomes,
-                                           merge_language_outcomes, normalize_and_dedup)
+                                           normalize_and_dedup)
 from sigscale.curation.url_policy import UrlPolicy
 
 PLAN = "plan.json"
@@ -53,9 +50,10 @@ FINALIZE_REASONS = (*PARTITION_REASONS, LOW_SCORE, BALANCE)
 DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS + BALANCE_REASONS))
 # The partitioned finalize's work folder: settings.json, eval.parquet, bands/pNNNNN/, scattered/, drops/.
 FINALIZE_DIR = "finalize"
+# A candidate's columns; "shard" and "key" name its image in img2dataset's tars (download/shards/).
 _META = ["row", "part", "url", "caption", "caption_original", "declared_language", "extras", "language",
          "language_confidence", "width", "height", "original_width", "original_height", "nbytes", "phash",
-         "thumb", "score", "final_url"]
+         "thumb", "score", "final_url", "shard", "key"]
 
 
 @dataclass(frozen=True)
@@ -182,12 +180,14 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     drops = pd.concat([text_drops, download_drops, image_drops], ignore_index=True).astype({"row": np.int64})
     if len(drops) + len(candidates) != len(rows) or drops["row"].duplicated().any():
         raise RuntimeError(f"{part.name}: {len(rows)} rows in, {len(candidates)} kept + {len(drops)} dropped out")
-    candidates[_META + ["jpg"]].to_parquet(tmp / "candidates.parquet", index=False)
+    candidates[_META].to_parquet(tmp / "candidates.parquet", index=False)
     drops.to_parquet(tmp / "drops.parquet", index=False)
     pd.DataFrame([(row, reason, jpg) for reason, items in samples.items() for row, jpg in items],
                  columns=["row", "reason", "jpg"]).to_parquet(tmp / SAMPLES, index=False)
-    if not cfg.output.keep_downloads:
-        shutil.rmtree(tmp / "download")
+    if not cfg.output.keep_downloads:  # the tars stay: the final shards are cut from them
+        for path in (tmp / "download").rglob("*"):
+            if path.is_file() and not (path.parent.name == "shards" and path.suffix == ".tar"):
+                path.unlink()
     arrived = results[results["reason"].isna()]
     fetched = len(arrived)
     language = _row_languages(rows, kept)
@@ -243,32 +243,6 @@ def short_side_histogram(short_sides) -> Dict[str, int]:
     counts = np.histogram(np.asarray(short_sides, dtype=np.float64), bins=[*SIZE_BINS, np.inf])[0]
     labels = [f"{lo}-{hi - 1}" for lo, hi in zip(SIZE_BINS, SIZE_BINS[1:])] + [f"{SIZE_BINS[-1]}+"]
     return {label: int(c) for label, c in zip(labels, counts)}
-
-
-def _final_drops(meta: pd.DataFrame, cfg: CurationConfig, early: pd.DataFrame) -> Tuple[pd.Series, dict]:
-    """Drop reason per candidate (None: kept): the partitioned steps' ``early`` drops, then score and balance."""
-    im = cfg.image
-    reason = pd.Series(meta["row"].map(early.set_index("row")["reason"]).to_numpy(object), index=meta.index,
-                       dtype=object)
-    score = meta["score"].to_numpy(np.float64)
-    if im.score.min_score is not None:
-        reason[(score < im.score.min_score) & reason.isna().to_numpy()] = LOW_SCORE
-    if im.score.top_fraction is not None:
-        alive = np.flatnonzero(reason.isna().to_numpy())
-        keep = math.ceil(im.score.top_fraction * len(alive))
-        order = alive[np.lexsort((meta["row"].to_numpy()[alive], -score[alive]))]  # ties: earlier row first
-        reason[order[keep:]] = LOW_SCORE
-    alive = np.flatnonzero(reason.isna().to_numpy())
-    languages = meta["language"].to_numpy(object)[alive]
-    if cfg.balance.mode == "metadata":
-        keep, unmatched, table = metadata_balance(meta["row"].to_numpy(np.int64)[alive],
-                                                  meta["caption"].to_numpy(object)[alive], languages, cfg.balance)
-        reason[alive[unmatched]] = METADATA_UNMATCHED
-        reason[alive[~keep & ~unmatched]] = BALANCE
-        return reason, table
-    keep = balance(languages, cfg.balance)
-    reason[alive[~keep]] = BALANCE
-    return reason, {}
 
 
 def _finalize_settings(cfg: CurationConfig, parts: List[Part]) -> dict:
@@ -363,40 +337,6 @@ def _task_index(index: int, count: int, step: str) -> int:
     return index
 
 
-def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> pd.DataFrame:
-    """Run here every partitioned step not yet done; returns the union of their drops (row, reason)."""
-    progress = Progress("curate: finalize", 1 + len(parts) + cfg.output.finalize_partitions,
-                        "steps done (prepare, scatter per part, near per partition)")
-    prepare_finalize(cfg)
-    progress.update()
-    for part in parts:
-        scatter_part(cfg, part.index)
-        progress.update()
-    paths = []
-    for k in range(cfg.output.finalize_partitions):
-        paths.append(near_partition(cfg, k))
-        progress.update()
-    progress.close()
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True).drop_duplicates("row")
-
-
-def _records(cfg: CurationConfig, parts: List[Part], kept_rows: set) -> Iterator[dict]:
-    for part in parts:
-        df = pd.read_parquet(_part_dir(cfg, part) / "candidates.parquet")
-        for r in df[df["row"].isin(kept_rows)].sort_values("row").itertuples(index=False):
-            meta = json.loads(r.extras)
-            meta.update({"language": r.language, "language_confidence": round(float(r.language_confidence), 4),
-                         "url": r.url, "final_url": r.final_url, "caption_original": r.caption_original,
-                         "row": int(r.row),
-                         "width": int(r.width), "height": int(r.height),
-                         "original_width": int(r.original_width), "original_height": int(r.original_height)})
-            if r.declared_language is not None:
-                meta["declared_language"] = r.declared_language
-            if not np.isnan(r.score):
-                meta["score"] = round(float(r.score), 5)
-            yield {"key": f"{int(r.row):012d}", "jpg": r.jpg, "txt": r.caption, "json": meta}
-
-
 def _finished_parts(cfg: CurationConfig) -> List[Part]:
     """The planned parts, once every one of them is finished; else a CurationError that says what to run."""
     plan_path = cfg.work_dir / PLAN
@@ -412,104 +352,6 @@ def _finished_parts(cfg: CurationConfig) -> List[Part]:
     return parts
 
 
-def finalize(cfg: CurationConfig) -> Path:
-    """Merge finished parts into shards, manifest.json, stats.json, captions.txt, report.md and report.html."""
-
-
-    parts = _finished_parts(cfg)
-    plan = json.loads((cfg.work_dir / PLAN).read_text())
-    t0 = time.perf_counter()
-    done = [json.loads((_part_dir(cfg, p) / DONE).read_text()) for p in parts]
-    drops = [pd.read_parquet(cfg.work_dir / "plan_drops.parquet")]
-    drops += [pd.read_parquet(_part_dir(cfg, p) / "drops.parquet") for p in parts]
-    meta = pd.concat([pd.read_parquet(_part_dir(cfg, p) / "candidates.parquet", columns=_META) for p in parts],
-                     ignore_index=True).sort_values("row", ignore_index=True)
-    reason, metadata_summary = _final_drops(meta, cfg, run_finalize_steps(cfg, parts))
-    kept = meta[reason.isna()]
-    drops.append(pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]}))
-    drops = pd.concat(drops, ignore_index=True)
-
-    n = plan["input_rows"]
-    seen = np.concatenate([drops["row"].to_numpy(np.int64), kept["row"].to_numpy(np.int64)])
-    if len(seen) != n or not np.array_equal(np.sort(seen), np.arange(n)):
-        raise RuntimeError(f"accounting broken: {n} input rows but {len(kept)} kept + {len(drops)} dropped")
-
-    outcomes = pd.concat([drops, pd.DataFrame({"row": kept["row"], "reason": None})], ignore_index=True)
-    outcomes.sort_values("row").to_parquet(cfg.work_dir / OUTCOMES, index=False)
-
-    out = cfg.out_dir
-    for old in out.glob("shard-*.tar"):
-        old.unlink()
-    manifest = write_shards(_records(cfg, parts, set(kept["row"].tolist())), out,
-                            samples_per_shard=cfg.output.samples_per_shard, config_hash=config_hash(cfg),
-                            prefix="shard")
-    if cfg.output.corpus:
-        (out / "captions.txt").write_text("".join(c + "\n" for c in kept["caption"]), encoding="utf-8")
-    stats = _stats(cfg, plan, done, drops, kept, meta, reason, manifest.languages, len(manifest.shards))
-    stats["metadata_balance"] = metadata_summary
-    stats["timing"]["finalize_seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(out / "stats.json", stats)
-    write_report(stats, out, plots=cfg.output.plots, name=cfg.name,
-                 samples=_report_samples(cfg, parts, meta, reason))
-    print(f"curate: kept {len(kept)} of {n} rows in {len(manifest.shards)} shard(s) at {out}", flush=True)
-    if not len(kept):
-        raise CurationError(f"no sample survived curation of {cfg.input.path}; see {out / 'stats.json'} for the drop reasons")
-    return out
-
-
-def _stats(cfg: CurationConfig, plan: dict, done: List[dict], drops: pd.DataFrame, kept: pd.DataFrame,
-           meta: pd.DataFrame, reason: pd.Series, languages_after: Dict[str, int], shards: int) -> dict:
-    """stats.json of a finalized run (finalize adds its own seconds): counts, funnel, languages, config, timing."""
-    dropped = Counter(drops["reason"])
-    unknown = set(dropped) - set(DROP_REASONS)
-    if unknown:  # a stage invented a reason without declaring it: stats would not be comparable across runs
-        raise RuntimeError(f"undeclared drop reasons {sorted(unknown)}; add them to their stage's *_REASONS")
-    n = plan["input_rows"]
-    text_s = sum(d["text_seconds"] for d in done)
-    download_s = sum(d["download_seconds"] for d in done)
-    final = pd.DataFrame({"row": meta.loc[reason.notna(), "row"], "reason": reason[reason.notna()]})
-    return {
-        "input_rows": n, "kept": len(kept), "dropped_total": len(drops),
-        "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "funnel": _funnel(n, plan, done, Counter(final["reason"])),
-        "dropped_by_language": _sum_counts([plan.get("dropped_by_language", {}),
-                                            *(d.get("dropped_by_language", {}) for d in done),
-                                            reasons_by_language(final, meta.set_index("row")["language"])]),
-        # Captions kept after removing these characters (counted per caption), not dropped.
-        "captions_cleaned": plan.get("captions_cleaned", {}),
-        "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
-        "languages_after": languages_after,
-        "language_id": merge_language_outcomes(d.get("language_id", {}) for d in done),
-        "short_side_histogram": {k: sum(d["short_side_histogram"][k] for d in done)
-                                 for k in short_side_histogram([])},
-        "shards": shards, "parts": len(done), "config_hash": config_hash(cfg), "config": _flat(asdict(cfg)),
-        "timing": {
-            "plan_seconds": plan["plan_seconds"], "text_seconds": round(text_s, 3),
-            "download_seconds": round(download_s, 3),
-            "image_seconds": round(sum(d["image_seconds"] for d in done), 3),
-            "captions_per_second": round(sum(d["rows"] for d in done) / max(text_s, 1e-9), 1),
-            "images_per_second": round(sum(d["downloaded"] for d in done) / max(download_s, 1e-9), 1),
-        },
-    }
-
-
-# The funnel's steps after the text stage: each stage's reasons, in the order rows meet them.
-_FUNNEL = (("download (img2dataset)", "download"), ("image checks", "image"))
-
-
-def _funnel(n: int, plan: dict, done: List[dict], final: Counter) -> List[list]:
-    """[[step, rows left after it], ...] from the input rows to the kept ones."""
-    plan_dropped = sum(sum(v.values()) for v in plan.get("dropped_by_language", {}).values())
-    steps = [["input rows", n], ["plan: normalise, exact duplicates", n - plan_dropped]]
-    for label, stage in (("text filters", "text"), *_FUNNEL):
-        steps.append([label, steps[-1][1] - sum(sum(d.get("dropped_by_stage", {}).get(stage, {}).values())
-                                                for d in done)])
-    merge = sum(final[r] for r in (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE))
-    steps.append(["decontamination, near-duplicates, score", steps[-1][1] - merge])
-    steps.append(["balance (kept)", steps[-1][1] - final[BALANCE] - final[METADATA_UNMATCHED]])
-    return steps
-
-
 def _flat(tree: dict, prefix: str = "") -> Dict[str, object]:
     """A nested config dict as dotted keys ("text.min_confidence": 0.5), the way overrides name them."""
     out: Dict[str, object] = {}
@@ -519,42 +361,6 @@ def _flat(tree: dict, prefix: str = "") -> Dict[str, object]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _report_samples(cfg: CurationConfig, parts: List[Part], meta: pd.DataFrame, reason: pd.Series) -> dict:
-    """Images for report.html: the first kept samples, and the first dropped ones per reason that has an image."""
-    kept_rows = meta.loc[reason.isna(), "row"].head(KEPT_SAMPLES).tolist()
-    final = meta.loc[reason.notna(), ["row"]].assign(reason=reason[reason.notna()])
-    picked = final.groupby("reason", sort=True).head(SAMPLES_PER_REASON)
-    wanted = set(kept_rows) | set(picked["row"].tolist())
-    images, dropped = {}, []
-    for part in parts:
-        folder = _part_dir(cfg, part)
-        cand = pd.read_parquet(folder / "candidates.parquet", columns=["row", "jpg"])
-        images.update({int(r): j for r, j in zip(cand["row"], cand["jpg"]) if r in wanted})
-        if (folder / SAMPLES).is_file():
-            dropped.append(pd.read_parquet(folder / SAMPLES))
-    inputs = pd.concat([pd.read_parquet(cfg.work_dir / "inputs" / f"{p.name}.parquet", columns=["row", "caption"])
-                        for p in parts], ignore_index=True).set_index("row")["caption"]
-    language = meta.set_index("row")["language"]
-    out = {"kept": [(inputs[r], language[r], images[r]) for r in kept_rows], "dropped": {}}
-    early = pd.concat(dropped, ignore_index=True) if dropped else pd.DataFrame(columns=["row", "reason", "jpg"])
-    for rsn, group in early.groupby("reason", sort=True):
-        out["dropped"][rsn] = [(inputs[r], None, j) for r, j in zip(group["row"], group["jpg"])][:SAMPLES_PER_REASON]
-    for rsn, group in picked.groupby("reason", sort=True):
-        out["dropped"][rsn] = [(inputs[r], language[r], images[r]) for r in group["row"]]
-    return out
-
-
-def curate(cfg: CurationConfig) -> Path:
-    """Plan, run every unfinished part here, and finalize; returns the output folder."""
-    parts = plan_parts(cfg)
-    progress = Progress("curate: parts", parts[-1].stop if parts else 0, "input rows done", every_s=0)
-    for part in parts:
-        run_part(cfg, part)
-        progress.update(part.stop - part.start)
-    progress.close()
-    return finalize(cfg)
 
 
 def load_outcomes(out_dir: Path) -> pd.DataFrame:

@@ -198,10 +198,12 @@ def _bench_curation(args: argparse.Namespace) -> int:
         print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
         return 0
     threshold = 3 if args.phash_threshold is None else args.phash_threshold
-    results = [run_finalize_bench(int(n), threshold=threshold) for n in args.rows.split(",")]
     out = Path(args.out or "bench_results/curation_finalize.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    results = []
+    for n in args.rows.split(","):  # written after each size: a long last size does not lose the others
+        results.append(run_finalize_bench(int(n), threshold=threshold))
+        out.write_text(json.dumps(results, indent=1))
     print(render_finalize_markdown(results, "sigscale bench " + " ".join(sys.argv[2:])))
     return 0
 

@@ -76,9 +76,10 @@ def _then(first: Submission, kind: str, tasks: Sequence[ArrayTask], cluster: str
 
 
 def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """Arrays chained by afterok: a task per URL-list part, prepare, scatter per part, near per partition, finalize."""
-    from sigscale.curation.pipeline import (finalize, finalize_key, near_partition, plan_parts, prepare_finalize,
-                                            run_part, scatter_part)
+    """Arrays chained by afterok: a task per URL-list part, prepare, scatter per part, near per partition,
+    score, count, decide and write per part, then the merge (finalize)."""
+    from sigscale.curation.finalize import ASSEMBLE_FUNCTIONS, ASSEMBLE_STEPS, assemble_key, finalize
+    from sigscale.curation.pipeline import finalize_key, near_partition, plan_parts, prepare_finalize, run_part, scatter_part
 
     run_dir = Path(cfg.output.dir).absolute()
     cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
@@ -96,6 +97,8 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
              ("scatter", [ArrayTask(f"scatter-{key}-{p.name}", scatter_part, (cfg, p.index)) for p in parts]),
              ("near", [ArrayTask(f"near-{key}-p{k:05d}", near_partition, (cfg, k))
                        for k in range(cfg.output.finalize_partitions)]),
+             *((step, [ArrayTask(f"{step}-{key}-{assemble_key(cfg)}-{p.name}", ASSEMBLE_FUNCTIONS[step], (cfg, p.index))
+                       for p in parts]) for step in ASSEMBLE_STEPS),
              ("finalize", [ArrayTask("finalize", finalize, (cfg,))])]
     for kind, step in steps:
         sub = _then(sub, f"curate-{kind}", step, cluster, res)

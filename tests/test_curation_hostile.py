@@ -27,7 +27,8 @@ from sigscale.curation.config import CurationError, TextConfig, load_curation_co
 from sigscale.curation.fetch import (
     BODY_TOO_LARGE, DEADLINE, REDIRECT_REFUSED, Fetcher, FetchLimits, Refused,
 )
-from sigscale.curation.pipeline import DROP_REASONS, curate, load_outcomes
+from sigscale.curation.finalize import curate
+from sigscale.curation.pipeline import DROP_REASONS, load_outcomes
 from sigscale.curation.serve import ImageServer
 from sigscale.curation.sources import read_url_list
 from sigscale.curation.text_filters import host_verdicts, normalize_caption

@@ -10,7 +10,7 @@ from PIL import Image
 from sigscale.curation import synthetic
 from sigscale.eval.xm3600 import write_xm3600
 from sigscale.curation.balance import balance, target_counts
-from sigscale.curation.config import BalanceConfig, CurationConfig, CurationError, ScoreConfig
+from sigscale.curation.config import BalanceConfig, CurationError, ScoreConfig
 from sigscale.curation.image_filters import (
     close_pairs, contaminated, eval_images, hash_files, hash_image, near_duplicates,
 )
@@ -193,25 +193,6 @@ def test_score_filter_rejects_a_tokenizer_larger_than_the_model(tiny_scorer, tmp
     big = train_tokenizer(corpus, tmp_path / "big.model", vocab_size=2000, model_type="bpe")
     with pytest.raises(CurationError, match=r"big.model has \d{4} pieces but the model's text tower only 1000;"):
         score_pairs([b""], ["x"], ScoreConfig(model=str(run_dir), tokenizer=str(big)))
-
-
-def test_score_thresholds_and_top_fraction_at_merge(tmp_path):
-    from sigscale.curation.pipeline import _final_drops
-
-    n = 10
-    meta = pd.DataFrame({
-        "row": np.arange(n), "phash": (np.arange(n, dtype=np.uint64) * np.uint64(0x0F0F0F0F0F0F0F0F)),
-        "thumb": [bytes(768)] * n, "score": [0.5, 0.1, 0.9, 0.3, 0.3, 0.7, 0.2, 0.8, 0.6, 0.4],
-        "language": ["en"] * n,
-    })
-    cfg = CurationConfig()
-    cfg.image.phash_threshold = -1
-    no_early_drops = pd.DataFrame({"row": np.zeros(0, np.int64), "reason": np.zeros(0, object)})  # as with h=-1
-    cfg.image.score = ScoreConfig(model="m", min_score=0.25)
-    assert _final_drops(meta, cfg, no_early_drops)[0].notna().sum() == 2  # 0.1 and 0.2
-    cfg.image.score = ScoreConfig(model="m", top_fraction=0.3)
-    reason, _ = _final_drops(meta, cfg, no_early_drops)
-    assert meta["row"][reason.isna()].tolist() == [2, 5, 7] and set(reason.dropna()) == {"low_score"}
 
 
 def test_score_filter_names_an_unloadable_checkpoint(tiny_scorer, tmp_path):

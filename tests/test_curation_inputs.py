@@ -138,7 +138,8 @@ def test_more_config_errors():
 def test_state_errors_of_the_pipeline(tmp_path):
     from sigscale.curation.config import DownloadConfig
     from sigscale.curation.download import download
-    from sigscale.curation.pipeline import Part, eval_set_hashes, finalize, load_outcomes, run_part
+    from sigscale.curation.finalize import finalize
+    from sigscale.curation.pipeline import Part, eval_set_hashes, load_outcomes, run_part
 
     cfg = load_curation_config("demo", [f"input.path={tmp_path / 'u.parquet'}", f"output.dir={tmp_path / 'out'}"])
     with pytest.raises(CurationError, match=r"no plan.json in .*work; run `sigscale curate`"):
@@ -157,7 +158,7 @@ def test_state_errors_of_the_pipeline(tmp_path):
 
 
 def test_a_list_where_nothing_survives_fails_after_writing_stats(tmp_path):
-    from sigscale.curation.pipeline import curate
+    from sigscale.curation.finalize import curate
 
     write(pd.DataFrame({"url": ["ftp://a/1.jpg", "http://b.example/2.jpg"], "caption": ["a red circle", None]}),
           tmp_path / "u.csv")

@@ -88,6 +88,8 @@ def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
     result = run_finalize_bench(6000, threshold=3, rows_per_writer=3000, copies_per_partition=12000, near_fraction=0.1)
     assert (result["partitions"], result["writers"], result["scatter"]["tasks"], result["near"]["tasks"]) == (2, 2, 2, 2)
     assert result["planted"] == result["caught"] == 600 and result["false_drops"] == 0
+    assert result["balance_kept"] == result["balance_target"] < 6000  # the cap cut rows, exactly to its target
+    assert result["balance_decide"]["tasks"] == 2 and result["balance_decide"]["peak_rss_mib_max"] > 0
     assert result["near"]["peak_rss_mib_max"] > 0 and result["rows_per_second"] > 0
     table = render_finalize_markdown([result], "sigscale bench curation --rows 6000")
     assert "| 6,000 | 3 | 4 | 2 | 2 |" in table and "| 600 / 600 | 0 |" in table

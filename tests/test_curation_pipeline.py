@@ -18,7 +18,8 @@ from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
-from sigscale.curation.pipeline import curate, finalize, load_outcomes, plan_parts, run_part
+from sigscale.curation.finalize import curate, finalize
+from sigscale.curation.pipeline import load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
 
 pytestmark = pytest.mark.slow  # two img2dataset runs (worker start-up dominates): ~40 s
@@ -266,6 +267,57 @@ def test_metadata_balance_runs_in_finalize_and_accounts_for_every_row(curated, m
         assert stats["dropped"]["balance"] == before["en"] + before["de"] - stats["kept"] > 0
     finally:
         finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+
+
+def shard_contents(folder):
+    """{shard name: [(member, bytes)]} of a curated folder's shards (tar headers' times left out)."""
+    out = {}
+    for path in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar]
+    return out
+
+
+BALANCED = ["balance.mode=cap", "balance.max_fraction=0.13", "output.samples_per_shard=7"]
+
+
+def test_kept_rows_and_shards_do_not_depend_on_the_partition_count(curated):
+    """Balance (cap), near-duplicates and shard cuts: the same for 1 and 3 pHash-band partitions."""
+    d = curated["dir"]
+    results = []
+    try:
+        for partitions in (1, 3):
+            out = finalize(load_curation_config("demo", overrides(d, [*BALANCED, f"output.finalize_partitions={partitions}"])))
+            results.append((load_outcomes(out), shard_contents(out)))
+    finally:
+        finalize(curated["cfg"])  # leave the module's output as the other tests expect it
+    (first, shards), (other, other_shards) = results
+    assert (first["reason"] == "balance").sum() > 0 and (first["reason"] == "near_duplicate").sum() >= 5
+    assert len(shards) > 3 and all(len(members) == 3 * 7 for members in list(shards.values())[:-1])
+    pd.testing.assert_frame_equal(other, first)
+    assert other_shards == shards
+
+
+def test_kept_rows_and_shards_do_not_depend_on_the_download_parts(server, tmp_path):
+    """2 or 3 download parts (img2dataset runs) of one list: the same outcomes and shard contents.
+
+    A fresh list without the slow edge cases and a long timeout: a download that times out in one run
+    and not in the other would change the input of the balance, not test it.
+    """
+    urls = write_url_list(tmp_path / "urls.parquet", 120, server.base_url, seed=5, near_duplicates=0.1)
+    results = []
+    for rows_per_part in (60, 40):
+        cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={tmp_path / str(rows_per_part)}",
+                                            "download.timeout=60", "download.processes=1", "output.plots=false",
+                                            f"output.rows_per_part={rows_per_part}", "output.finalize_partitions=2",
+                                            *BALANCED])
+        out = curate(cfg)
+        results.append((load_outcomes(out), shard_contents(out), json.loads((out / "stats.json").read_text())))
+    (first, shards, stats), (other, other_shards, other_stats) = results
+    assert (stats["parts"], other_stats["parts"]) == (2, 3)
+    assert (first["reason"] == "balance").sum() > 0 and (first["reason"] == "near_duplicate").sum() > 0
+    pd.testing.assert_frame_equal(other, first)
+    assert other_shards == shards and len(shards) > 3
 
 
 def test_part_settings_cannot_change_under_finished_parts(curated):

@@ -173,6 +173,7 @@ def _times(job_id: str, field: str, duplicates: bool = False) -> list:
 def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
     from sigscale.curation.config import load_curation_config
     from sigscale.core.manifest import load_manifest
+    from sigscale.curation.finalize import ASSEMBLE_STEPS, assemble_key
     from sigscale.curation.pipeline import finalize_key, plan_parts
     from sigscale.curation.serve import ImageServer, write_url_list
 
@@ -185,7 +186,9 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
         sub = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
         key = finalize_key(cfg, plan_parts(cfg))
         steps = [f"prepare-{key}", *(f"scatter-{key}-part-0000{i}" for i in range(3)),
-                 *(f"near-{key}-p0000{k}" for k in range(2)), "finalize"]
+                 *(f"near-{key}-p0000{k}" for k in range(2)),
+                 *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ASSEMBLE_STEPS for i in range(3)),
+                 "finalize"]
         assert sub.names == ["part-00000", "part-00001", "part-00002", *steps]
         wait(sub, poll_s=1, timeout_s=400)
     out = tmp_path / "curated"
@@ -197,7 +200,7 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
     assert "#SBATCH --array=0-2%2" in script
     # each step started after the one before ended (afterok dependency on the arrays)
     arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
-    assert len(arrays) == 5
+    assert len(arrays) == 5 + len(ASSEMBLE_STEPS)
     for before, after in zip(arrays, arrays[1:]):
         assert max(_times(before, "End")) <= min(_times(after, "Start"))
     assert len(list((out / "work" / "finalize" / "drops").glob("p*.parquet"))) == 2

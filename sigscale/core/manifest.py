@@ -7,12 +7,13 @@ and language counts, so training can check its input before it starts.
 from __future__ import annotations
 
 from sigscale.core.errors import SigscaleError
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import webdataset as wds
 
@@ -56,27 +57,30 @@ def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: List[ShardInfo] = []
-    writer: Optional[wds.TarWriter] = None
-    langs: Counter = Counter()
-    count = 0
-
-    def close() -> None:
-        if writer is not None:
-            writer.close()
-            shards.append(ShardInfo(path=f"{prefix}-{len(shards):05d}.tar", samples=count, languages=dict(langs)))
-
-    for sample in samples:
-        if writer is None or count == samples_per_shard:
-            close()
-            langs, count = Counter(), 0
-            writer = wds.TarWriter(str(out_dir / f"{prefix}-{len(shards):05d}.tar"))
-        writer.write({"__key__": sample["key"], "jpg": sample["jpg"], "txt": sample["txt"], "json": sample["json"]})
-        langs[sample["json"].get("language", "und")] += 1
-        count += 1
-    close()
+    samples = iter(samples)
+    while True:
+        chunk = list(itertools.islice(samples, samples_per_shard))
+        if not chunk:
+            break
+        shards.append(write_shard(chunk, out_dir, f"{prefix}-{len(shards):05d}.tar"))
     manifest = Manifest(shards=shards, config_hash=config_hash, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     save_manifest(manifest, out_dir)
     return manifest
+
+
+def write_shard(samples: Iterable[dict], out_dir: Path, name: str) -> ShardInfo:
+    """One shard tar of samples ({"key", "jpg", "txt", "json"}), written atomically; returns its manifest entry."""
+    path = Path(out_dir) / name
+    tmp = path.with_name(path.name + ".tmp")
+    langs: Counter = Counter()
+    count = 0
+    with wds.TarWriter(str(tmp)) as writer:
+        for sample in samples:
+            writer.write({"__key__": sample["key"], "jpg": sample["jpg"], "txt": sample["txt"], "json": sample["json"]})
+            langs[sample["json"].get("language", "und")] += 1
+            count += 1
+    tmp.replace(path)
+    return ShardInfo(path=name, samples=count, languages=dict(langs))
 
 
 def save_manifest(manifest: Manifest, out_dir: Path) -> Path:
