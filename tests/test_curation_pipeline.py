@@ -18,7 +18,7 @@ from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
-from sigscale.curation.finalize import curate, finalize
+from sigscale.curation.finalize import ASSEMBLE_STEPS, curate, finalize
 from sigscale.curation.pipeline import load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
 
@@ -90,9 +90,9 @@ def test_curation_says_how_far_each_stage_is_with_counts_and_eta(curated):
     assert re.search(rf"^curate: parts: {parts[0].stop}/{total} input rows done, {clock} elapsed, eta {clock}$",
                      log, re.M)
     assert re.search(rf"^curate: parts: {total}/{total} input rows done, {clock} elapsed, eta 0:00:00$", log, re.M)
-    steps = 1 + len(parts) + cfg.output.finalize_partitions
+    steps = 1 + len(parts) * (1 + len(ASSEMBLE_STEPS)) + cfg.output.finalize_partitions
     assert re.search(rf"^curate: finalize: {steps}/{steps} steps done \(prepare, scatter per part, near per "
-                     rf"partition\), {clock} elapsed, eta 0:00:00$", log, re.M)
+                     rf"partition, then score/count/decide/write per part\), {clock} elapsed, eta 0:00:00$", log, re.M)
     # in the order the work happens
     order = [log.index(s) for s in ("curate: part-00001 text:", "curate: download part-00001:",
                                     f"curate: parts: {total}/{total}", "curate: finalize:")]
