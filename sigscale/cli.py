@@ -125,9 +125,9 @@ def _bench_loss(args: argparse.Namespace) -> int:
 
 
 def _bench_tokenizer(args: argparse.Namespace) -> int:
-    from sigscale.bench_tokenizer import run_tokenizer_bench
+    from sigscale.bench_tokenizer import render_markdown as render_tokenizer, run_tokenizer_bench
 
-    print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
+    print(render_tokenizer(run_tokenizer_bench(args.out or "bench_results/tokenizer.json")))
     return 0
 
 
