@@ -112,6 +112,7 @@ def filter_accuracy(truth: pd.DataFrame, reason: pd.Series, language_id: dict) -
 def render_curation_markdown(r: dict, command: str) -> str:
     """The BENCHMARKS.md tables of :func:`run_curation_bench`: stages, then what the filters caught."""
     lang = r["language_id"]
+    wrong = lang["dropped"] + lang["mislabelled"]
     lines = [f"`{command}`", "",
              f"{r['rows']:,} generated URLs, img2dataset {r['processes']} processes × {r['threads']} threads, "
              f"{r['cpus']} CPUs; whole curate {r['wall_seconds']} s ({r['end_to_end_rows_per_second']:,} rows/s), "
@@ -130,7 +131,7 @@ def render_curation_markdown(r: dict, command: str) -> str:
               f"| broken URLs dropped with their expected reason | {r['broken_with_expected_reason']:,} of "
               f"{r['broken_urls']:,} |",
               f"| language ID: captions dropped for language / kept under another language | {lang['dropped']} / "
-              f"{lang['mislabelled']} of {lang['captions']:,} ({100 * (lang['dropped'] + lang['mislabelled']) / max(1, lang['captions']):.2f}%) |",
+              f"{lang['mislabelled']} of {lang['captions']:,} ({100 * wrong / max(1, lang['captions']):.2f}%) |",
               f"| drops by reason | {', '.join(f'{k} {v}' for k, v in r['dropped'].items())} |"]
     return "\n".join(lines) + "\n"
 

@@ -207,3 +207,21 @@ def test_plan_command_reads_gpus_per_node_and_refuses_a_memory_without_unit(caps
     assert main(["plan", "--config", "so400m14_msiglip_32k", "--gpus-per-node", "8", "--gpu-mem", "80"]) == 2
     err = capsys.readouterr().err
     assert "--gpu-mem '80' has no unit; write 80GB" in err and len(err.strip().splitlines()) == 1
+
+
+# `sigscale bench memory --check` (BENCHMARKS.md, "The planner against shapes it was not fitted to"):
+# the planner's step peak was off by 2.7-11.4% on the four held-out points (worst: ZeRO-3, 12 + 8
+# blocks), and by -8.4% on this test's point. 15% holds that with room for the profiler's event timing.
+HELD_OUT_TOLERANCE = 0.15
+
+
+@pytest.mark.multiproc
+def test_planner_predicts_the_engine_peak_on_a_shape_outside_its_calibration(tmp_path):
+    from sigscale.bench_plan import QUICK, run_plan_check
+
+    [point] = QUICK
+    assert not point.calibration and point.world not in (1, 2, 4) and point.batch != 64  # off the fitted set
+    results = run_plan_check(tmp_path / "check.json", quick=True)
+    [row] = results["points"]
+    assert row["vision"][0] not in (64, 192) and row["text"][2] not in (16, 32)  # other widths and lengths
+    assert row["planned_peak_bytes"] == pytest.approx(row["measured_peak_bytes"], rel=HELD_OUT_TOLERANCE), row
