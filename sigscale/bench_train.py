@@ -279,7 +279,9 @@ def _run_train_bench(work: Path, out_json: str | os.PathLike, config: str, world
     pairs: List[Dict[str, Any]] = []
     results: Dict[str, Any] = {
         "config": {"config": config, "world_size": world, "global_batch": batch, "steps": steps, "repeats": repeats,
-                   "strategies": list(strategies), "precision": "fp32", "backend": "gloo"},
+                   "strategies": list(strategies), "precision": "fp32", "backend": "gloo",
+                   "capped": {"config": cap_config, "global_batch": cap_batch, "accum_steps": cap_accum,
+                              "steps": cap_steps, "cap_gib": cap_gib} if capped else None},
         "machine": {"cpus": os.cpu_count(),
                     "allocator": "jemalloc (LD_PRELOAD)" if os.path.isfile(JEMALLOC) else "glibc",
                     "memory_method": "peak RSS (VmHWM) per rank process, polled from /proc every 20 ms",
@@ -315,9 +317,16 @@ def _run_train_bench(work: Path, out_json: str | os.PathLike, config: str, world
 def render_markdown(results: Dict[str, Any]) -> str:
     """Markdown of a ``run_train_bench`` result: one row per run pair, then the repeats summarised per strategy."""
     m, c = results["machine"], results["config"]
-    lines = [f"Config `{c['config']}`, W = {c['world_size']}, global batch {c['global_batch']}, {c['steps']} steps, "
-             f"{c['precision']}, {c['backend']}; {c['repeats']} repeat(s) per strategy, interleaved. "
-             f"images/s: {m['throughput_method']}. Memory: {m['memory_method']}, allocator {m['allocator']}.", "",
+    cap = c.get("capped")
+    runs = (f"Config `{c['config']}`, W = {c['world_size']}, global batch {c['global_batch']}, {c['steps']} steps, "
+            f"{c['repeats']} repeat(s) per strategy, interleaved. " if c["repeats"] else "")
+    if cap:
+        runs += (f"Capped point: config `{cap['config']}`, W = {c['world_size']}, global batch {cap['global_batch']} in "
+                 f"{cap['accum_steps']} accumulation steps, {cap['steps']} steps, under a per-process RLIMIT_AS of "
+                 + (f"{cap['cap_gib']} GiB. " if cap.get("cap_gib") else
+                    "the virtual-memory peak of one uncapped sigscale step plus 1 GiB. "))
+    lines = [f"{runs}{c['precision']}, {c['backend']}. images/s: {m['throughput_method']}. Memory: "
+             f"{m['memory_method']}, allocator {m['allocator']}.", "",
              "| run | W | global batch | accum | sigscale strategy | sigscale img/s | open_clip img/s | img/s ratio "
              "| sigscale peak RSS / rank (MiB) | open_clip peak RSS / rank (MiB) | memory ratio | load | note |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
