@@ -98,8 +98,8 @@ def filter_accuracy(truth: pd.DataFrame, reason: pd.Series, language_id: dict) -
     broken = truth["kind"].ne("ok") & ~planted
     return {
         "near_duplicates_planted": int(planted.sum()), "near_duplicates_caught": int((planted & near).sum()),
-        "planted_dropped_otherwise": {str(k): int(v) for k, v in reason[planted & ~near].value_counts(dropna=False)
-                                      .items()},
+        "planted_other_outcomes": {("kept" if pd.isna(k) else str(k)): int(v)
+                                      for k, v in reason[planted & ~near].value_counts(dropna=False).items()},
         "false_near_duplicate_drops": int((~planted & near).sum()), "originals": int((truth["kind"] == "ok").sum()),
         "broken_urls": int(broken.sum()),
         "broken_with_expected_reason": int((broken & (reason == truth["expect"])).sum()),
@@ -121,7 +121,7 @@ def render_curation_markdown(r: dict, command: str) -> str:
     for s in r["stages"]:
         lines.append(f"| {s['stage']} | {s['rows_in']:,} | {s['rows_out']:,} | {s['seconds']} | "
                      f"{s['rows_per_second']:,} |")
-    other = ", ".join(f"{k} {v}" for k, v in r["planted_dropped_otherwise"].items()) or "none"
+    other = ", ".join(f"{k} {v}" for k, v in r["planted_other_outcomes"].items()) or "none"
     lines += ["", "| check | result |", "|---|---|",
               f"| kept / input rows | {r['kept']:,} / {r['rows']:,} |",
               f"| planted near-duplicates dropped as near_duplicate | {r['near_duplicates_caught']:,} of "

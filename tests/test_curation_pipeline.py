@@ -273,7 +273,7 @@ def test_curation_benchmark_writes_its_numbers(tmp_path):
     assert result["text_captions_per_second"] > 0 and result["download_images_per_second"] > 0
     # The filter accounting joins the generator's truth to the outcomes: it must add up with stats.json.
     planted, caught = result["near_duplicates_planted"], result["near_duplicates_caught"]
-    assert planted >= 3 and caught + sum(result["planted_dropped_otherwise"].values()) == planted
+    assert planted >= 3 and caught + sum(result["planted_other_outcomes"].values()) == planted
     assert caught + result["false_near_duplicate_drops"] == result["dropped"].get("near_duplicate", 0)
     assert caught == planted and result["false_near_duplicate_drops"] == 0  # as the pipeline tests above find
     assert result["broken_with_expected_reason"] == result["broken_urls"] > 0
