@@ -6,8 +6,8 @@ Everything is derived from the tower shapes (no model is built), so `sigscale pl
 every parameter along dim 0 like ``torch.chunk``); activation and loss bytes are a model of what
 autograd keeps, calibrated against peak live tensor bytes measured on CPU (tests/test_plan.py holds
 it to ±30%) and checked on shapes outside that calibration (``sigscale bench memory --check``: within
-12% on other widths, depths, sequence lengths, batches and world sizes; a test holds one to 15%). Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3):
-with Adam, K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model
+12% on other widths, depths, sequence lengths, batches and world sizes; a test holds one to 15%).
+Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3): with Adam, K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model
 runs in bf16, and 8 (m, v) when the fp32 parameters are themselves the master copy.
 """
 from __future__ import annotations
@@ -366,7 +366,7 @@ def checkpointing_off(p: Plan, m: ModelConfig, act_bytes: int, cache: float) -> 
 
     Without checkpointing a tower keeps every block's activations (several times more per sample) but
     skips the recompute of its forward in backward (~1/3 of its FLOPs); worth it whenever the batch still
-    splits into the same micro-batch x accumulation. Tried in order: both towers off, text off, vision off.
+    splits into the same micro-batch x accumulation. Tried in order: both towers off, then each alone.
     """
     row = p.best
     on = [tw for tw, v in p.checkpointing.items() if v]
