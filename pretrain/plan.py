@@ -7,8 +7,9 @@ every parameter along dim 0 like ``torch.chunk``); activation and loss bytes are
 autograd keeps, calibrated against peak live tensor bytes measured on CPU (tests/test_plan.py holds
 it to ±30%) and checked on shapes outside that calibration (``sigscale bench memory --check``: within
 12% on other widths, depths, sequence lengths, batches and world sizes; a test holds one to 15%).
-Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3): with Adam, K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model
-runs in bf16, and 8 (m, v) when the fp32 parameters are themselves the master copy.
+Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3): with Adam,
+K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model runs in bf16, and 8
+(m, v) when the fp32 parameters are themselves the master copy.
 """
 from __future__ import annotations
 
