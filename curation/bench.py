@@ -37,11 +37,19 @@ THUMB_MAX_DIFF = 3.0
 
 def run_curation_bench(out_json: Optional[str | Path] = None, rows: int = 16384, processes: int = 2,
                        threads: int = 32) -> dict:
-    """Curate ``rows`` generated URLs from 127.0.0.1 and return (and write) the throughput numbers."""
+    """Curate ``rows`` generated URLs from 127.0.0.1: per-stage throughput and how well the filters did.
+
+    The generated list knows the truth of every row (its real language, which rows are planted
+    near-duplicates, which URLs are broken and how), so the bench counts the planted near-duplicates
+    caught, the other rows dropped as near-duplicates, and the captions language ID dropped or
+    labelled wrongly.
+    """
     from sigscale.curation.config import load_curation_config
     from sigscale.curation.finalize import curate
+    from sigscale.curation.pipeline import load_outcomes
     from sigscale.curation.serve import ImageServer, write_url_list
 
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, ImageServer() as server:
         urls = write_url_list(Path(tmp) / "urls.parquet", rows, server.base_url, seed=0)
         cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={Path(tmp) / 'out'}",
@@ -50,20 +58,89 @@ def run_curation_bench(out_json: Optional[str | Path] = None, rows: int = 16384,
         out = curate(cfg)
         wall = time.perf_counter() - start
         stats = json.loads((out / "stats.json").read_text())
+        truth = pd.read_parquet(urls)
+        reason = load_outcomes(out).set_index("row")["reason"].reindex(truth.index)
     t = stats["timing"]
     result = {
         "rows": rows, "kept": stats["kept"], "processes": processes, "threads": threads,
         "cpus": os.cpu_count(), "wall_seconds": round(wall, 1),
+        "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
         "text_captions_per_second": t["captions_per_second"],
         "download_images_per_second": t["images_per_second"],
         "end_to_end_rows_per_second": round(rows / wall, 1),
         "seconds": {k: t[k] for k in ("plan_seconds", "text_seconds", "download_seconds", "image_seconds",
                                       "finalize_seconds")},
+        "stages": stage_throughput(stats), "dropped": stats["dropped"],
+        **filter_accuracy(truth, reason, stats["language_id"]),
     }
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=1))
     return result
+
+
+# stats.json timing key of each step of the funnel, in the funnel's order (the rows in are the step before's).
+_STAGE_SECONDS = {"text filters": "text_seconds", "download (img2dataset)": "download_seconds",
+                  "image checks": "image_seconds", "decontamination, near-duplicates, score": "finalize_seconds"}
+
+
+def stage_throughput(stats: dict) -> List[dict]:
+    """Rows in, rows out, seconds and rows/s of each timed stage, from a run's stats.json funnel and timing."""
+    funnel = stats["funnel"]
+    rows = []
+    for (_, rows_in), (step, rows_out) in zip(funnel, funnel[1:]):
+        key = _STAGE_SECONDS.get(step)
+        if key:
+            secs = stats["timing"][key]
+            rows.append({"stage": step, "rows_in": rows_in, "rows_out": rows_out, "seconds": secs,
+                         "rows_per_second": round(rows_in / max(secs, 1e-9), 1)})
+    return rows
+
+
+def filter_accuracy(truth: pd.DataFrame, reason: pd.Series, language_id: dict) -> dict:
+    """Planted near-duplicates caught, false near-duplicate drops, broken URLs with their expected
+    reason, and language-ID mistakes (a caption dropped for its language or kept under another one)."""
+    planted = truth["kind"] == "near_duplicate"
+    near = reason == "near_duplicate"
+    broken = truth["kind"].ne("ok") & ~planted
+    return {
+        "near_duplicates_planted": int(planted.sum()), "near_duplicates_caught": int((planted & near).sum()),
+        "planted_other_outcomes": {("kept" if pd.isna(k) else str(k)): int(v)
+                                      for k, v in reason[planted & ~near].value_counts(dropna=False).items()},
+        "false_near_duplicate_drops": int((~planted & near).sum()), "originals": int((truth["kind"] == "ok").sum()),
+        "broken_urls": int(broken.sum()),
+        "broken_with_expected_reason": int((broken & (reason == truth["expect"])).sum()),
+        "language_id": {"captions": sum(e["rows"] for e in language_id.values()),
+                        "dropped": sum(e["dropped_language"] for e in language_id.values()),
+                        "mislabelled": sum(e["mismatched"] for e in language_id.values())},
+    }
+
+
+def render_curation_markdown(r: dict, command: str) -> str:
+    """The BENCHMARKS.md tables of :func:`run_curation_bench`: stages, then what the filters caught."""
+    lang = r["language_id"]
+    wrong = lang["dropped"] + lang["mislabelled"]
+    lines = [f"`{command}`", "",
+             f"{r['rows']:,} generated URLs, img2dataset {r['processes']} processes × {r['threads']} threads, "
+             f"{r['cpus']} CPUs; whole curate {r['wall_seconds']} s ({r['end_to_end_rows_per_second']:,} rows/s), "
+             f"1-minute load {r['loadavg_1min'][0]} at start, {r['loadavg_1min'][1]} at end.", "",
+             "| stage | rows in | rows out | seconds | rows in / s |", "|---|---:|---:|---:|---:|"]
+    for s in r["stages"]:
+        lines.append(f"| {s['stage']} | {s['rows_in']:,} | {s['rows_out']:,} | {s['seconds']} | "
+                     f"{s['rows_per_second']:,} |")
+    other = ", ".join(f"{k} {v}" for k, v in r["planted_other_outcomes"].items()) or "none"
+    lines += ["", "| check | result |", "|---|---|",
+              f"| kept / input rows | {r['kept']:,} / {r['rows']:,} |",
+              f"| planted near-duplicates dropped as near_duplicate | {r['near_duplicates_caught']:,} of "
+              f"{r['near_duplicates_planted']:,} (the others: {other}) |",
+              f"| other rows dropped as near_duplicate (false drops) | {r['false_near_duplicate_drops']:,} of "
+              f"{r['originals']:,} originals |",
+              f"| broken URLs dropped with their expected reason | {r['broken_with_expected_reason']:,} of "
+              f"{r['broken_urls']:,} |",
+              f"| language ID: captions dropped for language / kept under another language | {lang['dropped']} / "
+              f"{lang['mislabelled']} of {lang['captions']:,} ({100 * wrong / max(1, lang['captions']):.2f}%) |",
+              f"| drops by reason | {', '.join(f'{k} {v}' for k, v in r['dropped'].items())} |"]
+    return "\n".join(lines) + "\n"
 
 
 def planted_rows(start: int, n: int, near_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,11 @@ Everything is derived from the tower shapes (no model is built), so `sigscale pl
 256-GPU So400M run on a laptop. Parameter, gradient and optimizer bytes are exact (FSDP2 shards
 every parameter along dim 0 like ``torch.chunk``); activation and loss bytes are a model of what
 autograd keeps, calibrated against peak live tensor bytes measured on CPU (tests/test_plan.py holds
-it to ±30%). Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3):
-with Adam, K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model
-runs in bf16, and 8 (m, v) when the fp32 parameters are themselves the master copy.
+it to ±30%) and checked on shapes outside that calibration (``sigscale bench memory --check``: within
+12% on other widths, depths, sequence lengths, batches and world sizes; a test holds one to 15%).
+Mixed-precision accounting follows ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054 §3): with Adam,
+K = 12 bytes of optimizer state per parameter (fp32 master, m, v) when the model runs in bf16, and 8
+(m, v) when the fp32 parameters are themselves the master copy.
 """
 from __future__ import annotations
 
@@ -191,6 +193,16 @@ class StrategyPlan:
 
 
 @dataclass
+class CheckpointingOff:
+    """Activation checkpointing the chosen strategy does not need: these towers fit without it."""
+
+    towers: List[str]
+    micro: int
+    accum_steps: int
+    peak: float
+
+
+@dataclass
 class Plan:
     """What `sigscale plan` prints: the model, the request and one row per sharding strategy."""
 
@@ -205,6 +217,7 @@ class Plan:
     param_counts: Dict[str, int]
     chosen: str
     strategies: Dict[str, StrategyPlan] = field(default_factory=dict)
+    checkpointing_off: Optional[CheckpointingOff] = None
 
     @property
     def best(self) -> StrategyPlan:
@@ -275,6 +288,26 @@ def _split(local_batch: int, max_micro: int) -> Tuple[int, int]:
     return 0, 0
 
 
+def _fit(static: float, loss: float, cache: float, act: float, local: int, usable: int) -> Tuple[int, int, int]:
+    """(largest micro-batch that fits, chosen micro-batch, accumulation steps) for per-sample activations ``act``.
+
+    Embedding-cache accumulation (k > 1): the loss runs on the cached embeddings, then the towers are re-run
+    micro-batch by micro-batch, so loss and activations are never live together; the cache (image and text
+    embeddings and their gradients, fp32: 4·b·d, part of the loss's working set) stays while the towers re-run.
+    """
+    if static + loss + act * local <= usable:
+        max_micro = local
+    elif static + loss <= usable:
+        max_micro = max(0, min(local - 1, int((usable - static - cache) // act)))
+    else:
+        max_micro = 0
+    return (max_micro, *_split(local, max_micro))
+
+
+def _peak(static: float, loss: float, cache: float, act: float, micro: int, k: int) -> float:
+    return static + (loss + act * micro if k == 1 else max(loss, cache + act * micro))
+
+
 def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
          reserve: float = DEFAULT_RESERVE, strategies: Sequence[str] = MEMORY_LAYOUTS) -> Plan:
     """Per-GPU memory of every sharding strategy for ``cfg`` on ``gpus × nodes`` GPUs of ``gpu_mem_bytes``.
@@ -284,7 +317,7 @@ def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
     global batch, and ``accum_steps`` the fewest embedding-cache accumulation steps reaching it.
     """
     if gpus <= 0 or nodes <= 0:
-        raise PlanError(f"--gpus {gpus} and --nodes {nodes} must be positive")
+        raise PlanError(f"--gpus-per-node {gpus} and --nodes {nodes} must be positive")
     if not 0 <= reserve < 1:
         raise PlanError(f"reserve={reserve} must be a fraction in [0, 1)")
     world = gpus * nodes
@@ -302,37 +335,20 @@ def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
     if chosen == "zero0":  # ZeRO stage 0 is plain data parallelism
         chosen = "ddp"
     usable = int(gpu_mem_bytes * (1 - reserve))
-    result = Plan(cfg.name, world, gpu_mem_bytes, usable, t.batch_size, local, t.precision,
-                  {"vision": t.grad_checkpointing.vision, "text": t.grad_checkpointing.text}, counts, chosen)
+    ckpt = {"vision": t.grad_checkpointing.vision, "text": t.grad_checkpointing.text}
+    result = Plan(cfg.name, world, gpu_mem_bytes, usable, t.batch_size, local, t.precision, ckpt, counts, chosen)
+    # bf16 activations under every strategy: FSDP2's policy, DeepSpeed's bf16, autocast for DDP.
+    act_b = 2 if bf16 else 4
+    per_tower = {ck: sum(tower_activation_bytes(m, tw, act_b, ck) for tw in ("vision", "text")) for ck in (False, True)}
+    chosen_act = sum(tower_activation_bytes(m, tw, act_b, ckpt[tw]) for tw in ("vision", "text"))
+    loss = loss_bytes(local, t.batch_size, m.vision.width, world, t.loss_chunk_size, dense=t.loss == "softmax")
+    cache = 4.0 * 4 * local * m.vision.width
     for strategy in dict.fromkeys((*strategies, chosen)):
         if strategy not in MEMORY_LAYOUTS:
             raise PlanError(f"unknown strategy {strategy!r}; choose from {list(MEMORY_LAYOUTS)}")
-        # bf16 activations under every strategy: FSDP2's policy, DeepSpeed's bf16, autocast for DDP.
-        act_b = 2 if bf16 else 4
-        per_tower = {ck: sum(tower_activation_bytes(m, tw, act_b, ck) for tw in ("vision", "text"))
-                     for ck in (False, True)}
-        chosen_act = sum(tower_activation_bytes(m, tw, act_b, getattr(t.grad_checkpointing, tw))
-                         for tw in ("vision", "text"))
         p_b, g_b, o_b, buf_b = _static_bytes(strategy, params, world, bf16)
-        loss = loss_bytes(local, t.batch_size, m.vision.width, world, t.loss_chunk_size,
-                          dense=t.loss == "softmax")
-        # Embedding-cache accumulation (k > 1): the loss runs on the cached embeddings, then the towers
-        # are re-run micro-batch by micro-batch, so loss and activations are never live together; the
-        # cache (image and text embeddings and their gradients, fp32: 4·b·d, part of the loss's working
-        # set) stays while the towers re-run.
-        cache = 4.0 * 4 * local * m.vision.width
         static = p_b + g_b + o_b + buf_b
-
-        def peak_at(micro: int, k: int) -> float:
-            return static + (loss + chosen_act * micro if k == 1 else max(loss, cache + chosen_act * micro))
-
-        if static + loss + chosen_act * local <= usable:
-            max_micro = local
-        elif static + loss <= usable:
-            max_micro = max(0, min(local - 1, int((usable - static - cache) // chosen_act)))
-        else:
-            max_micro = 0
-        micro, k = _split(local, max_micro)
+        max_micro, micro, k = _fit(static, loss, cache, chosen_act, local, usable)
         note = ""
         if not micro:
             need = static + max(loss, cache + chosen_act)
@@ -340,9 +356,32 @@ def plan(cfg: ExperimentConfig, gpus: int, gpu_mem_bytes: int, nodes: int = 1,
                     f"(weights, gradients, optimizer and buffers {human(static)}, loss {human(loss)})")
         result.strategies[strategy] = StrategyPlan(
             strategy, p_b, g_b, o_b, buf_b, chosen_act, per_tower[False], per_tower[True], loss,
-            cache if k > 1 else 0.0, max_micro, micro, k, peak_at(micro, k) if micro else float("nan"),
-            bool(micro), note)
+            cache if k > 1 else 0.0, max_micro, micro, k,
+            _peak(static, loss, cache, chosen_act, micro, k) if micro else float("nan"), bool(micro), note)
+    result.checkpointing_off = checkpointing_off(result, m, act_b, cache)
     return result
+
+
+def checkpointing_off(p: Plan, m: ModelConfig, act_bytes: int, cache: float) -> Optional[CheckpointingOff]:
+    """The most activation checkpointing the chosen strategy can drop at the same accumulation, or None.
+
+    Without checkpointing a tower keeps every block's activations (several times more per sample) but
+    skips the recompute of its forward in backward (~1/3 of its FLOPs); worth it whenever the batch still
+    splits into the same micro-batch x accumulation. Tried in order: both towers off, then each alone.
+    """
+    row = p.best
+    on = [tw for tw, v in p.checkpointing.items() if v]
+    if not row.fits or not on:
+        return None
+    static = row.static + row.buffers
+    for off in ([on] + ([[tw] for tw in on] if len(on) > 1 else [])):
+        act = sum(tower_activation_bytes(m, tw, act_bytes, p.checkpointing[tw] and tw not in off)
+                  for tw in ("vision", "text"))
+        _, micro, k = _fit(static, row.loss, cache, act, p.local_batch, p.usable_bytes)
+        if micro and k <= row.accum_steps:
+            return CheckpointingOff(towers=list(off), micro=micro, accum_steps=k,
+                                    peak=_peak(static, row.loss, cache, act, micro, k))
+    return None
 
 
 def check_fits(p: Plan) -> StrategyPlan:
@@ -384,8 +423,14 @@ def render(p: Plan) -> str:
             f"{r.act_per_sample_no_ckpt / 2**20:.2f} / {r.act_per_sample_ckpt / 2**20:.2f} | {size(r.loss)} | "
             f"{r.max_micro} | {split} | {size(r.peak)} | {r.note} |")
     lines.append("")
+    off = p.checkpointing_off
+    if off:
+        keys = " ".join(f"train.grad_checkpointing.{tw}=false" for tw in off.towers)
+        lines += [f"Activation checkpointing can be switched off ({keys}): {p.chosen} still fits {off.micro} x "
+                  f"{off.accum_steps} without it (peak {size(off.peak)} {unit_name}) and saves recomputing their "
+                  "forward in backward (4/3 of their FLOPs become 1).", ""]
     lines.append(f"{unit_name} per GPU unless stated. params/grads/optimizer exact (AdamW, fp32 state); "
                  "buffers = gathered "
                  "FSDP/ZeRO-3 units or DDP/ZeRO reduction buckets; activations and loss are a model calibrated on "
-                 "CPU measurements (±30%).")
+                 "CPU measurements (±30%; within 12% on held-out shapes, `sigscale bench memory --check`).")
     return "\n".join(lines) + "\n"

@@ -214,6 +214,17 @@ def _plan_strategy(cfg: Any) -> str:
     return {"deepspeed": f"zero{t.zero_stage}", "single": "ddp"}.get(t.strategy, t.strategy)
 
 
+def planned_row(config: str, overrides: Sequence[str], tok: Path, world: int) -> Tuple[Any, Any]:
+    """The config a benchmark run trains and the planner's row for it (room enough: one micro-batch)."""
+    from sigscale.pretrain.plan import plan
+    from sigscale.pretrain.tokenizer import Tokenizer
+
+    cfg = load_config(config, list(overrides))
+    # The engine sizes the text vocabulary from the tokenizer, as the planner must too.
+    cfg.model.text.vocab_size = Tokenizer(str(tok)).vocab_size
+    return cfg, plan(cfg, world, 2**50, strategies=(_plan_strategy(cfg),)).best
+
+
 def run_memory_bench(out_json: str | os.PathLike = "bench_results/memory.json", config: str = "small",
                      world_sizes: Sequence[int] = (1, 2, 4), strategies: Sequence[str] = ("fsdp",),
                      batch: int = 64, steps: int = 4, extra: Sequence[str] = (), quick: bool = False,
@@ -246,8 +257,7 @@ def run_memory_bench(out_json: str | os.PathLike = "bench_results/memory.json", 
 def _run_memory_bench(work: Path, out_json: str | os.PathLike, config: str, world_sizes: Sequence[int],
                       strategies: Sequence[str], batch: int, steps: int, extra: Sequence[str]) -> Dict[str, Any]:
 
-    from sigscale.pretrain.plan import fsdp_rank_numel, parameter_shapes, plan
-    from sigscale.pretrain.tokenizer import Tokenizer
+    from sigscale.pretrain.plan import fsdp_rank_numel, parameter_shapes
 
     shards, tok = write_bench_data(work / "data")
     points: List[Dict[str, Any]] = []
@@ -274,11 +284,8 @@ def _run_memory_bench(work: Path, out_json: str | os.PathLike, config: str, worl
                 points.append(point)
                 out.write_text(json.dumps(results, indent=2))
                 continue
-            cfg = load_config(config, ov)
-            # The engine sizes the text vocabulary from the tokenizer, as the planner must too.
-            cfg.model.text.vocab_size = Tokenizer(str(tok)).vocab_size
+            cfg, row = planned_row(config, ov, tok, world)
             shapes = parameter_shapes(cfg.model)
-            row = plan(cfg, world, 2**50, strategies=(_plan_strategy(cfg),)).best
             # FSDP2 shards per parameter (exact per rank); ZeRO and DDP as the planner's busiest rank.
             predicted = ([4 * fsdp_rank_numel(shapes, world, r) for r in range(world)]
                          if name_ == "fsdp" and world > 1 else [row.params] * world)

@@ -195,7 +195,8 @@ def run_job(cmd: Sequence[str], log_path: Path, cap_bytes: Optional[int] = None,
     return {"rc": rc, "wall_s": round(time.perf_counter() - t0, 2),
             "rss_peak_bytes_per_rank": [hwm[r] * 1024 for r in sorted(hwm)],
             "vm_peak_bytes_max": max(vm.values(), default=0) * 1024,
-            "oom": rc != 0 and any(m in text for m in OOM_MARKERS), "log_tail": text[-1500:] if rc else ""}
+            "oom": rc != 0 and any(m in text for m in OOM_MARKERS), "log_tail": text[-1500:] if rc else "",
+            "error_marker": next((m for m in OOM_MARKERS if m in text), None) if rc else None}
 
 
 def sigscale_throughput(run_dir: Path) -> List[float]:
@@ -278,7 +279,9 @@ def _run_train_bench(work: Path, out_json: str | os.PathLike, config: str, world
     pairs: List[Dict[str, Any]] = []
     results: Dict[str, Any] = {
         "config": {"config": config, "world_size": world, "global_batch": batch, "steps": steps, "repeats": repeats,
-                   "strategies": list(strategies), "precision": "fp32", "backend": "gloo"},
+                   "strategies": list(strategies), "precision": "fp32", "backend": "gloo",
+                   "capped": {"config": cap_config, "global_batch": cap_batch, "accum_steps": cap_accum,
+                              "steps": cap_steps, "cap_gib": cap_gib} if capped else None},
         "machine": {"cpus": os.cpu_count(),
                     "allocator": "jemalloc (LD_PRELOAD)" if os.path.isfile(JEMALLOC) else "glibc",
                     "memory_method": "peak RSS (VmHWM) per rank process, polled from /proc every 20 ms",
@@ -312,16 +315,26 @@ def _run_train_bench(work: Path, out_json: str | os.PathLike, config: str, world
 
 
 def render_markdown(results: Dict[str, Any]) -> str:
-    """Markdown table of a ``run_train_bench`` result."""
-    m = results["machine"]
-    lines = [f"images/s: {m['throughput_method']}. Memory: {m['memory_method']}, allocator {m['allocator']}.", "",
+    """Markdown of a ``run_train_bench`` result: one row per run pair, then the repeats summarised per strategy."""
+    m, c = results["machine"], results["config"]
+    cap = c.get("capped")
+    runs = (f"Config `{c['config']}`, W = {c['world_size']}, global batch {c['global_batch']}, {c['steps']} steps, "
+            f"{c['repeats']} repeat(s) per strategy, interleaved. " if c["repeats"] else "")
+    if cap:
+        runs += (f"Capped point: config `{cap['config']}`, W = {c['world_size']}, global batch {cap['global_batch']} in "
+                 f"{cap['accum_steps']} accumulation steps, {cap['steps']} steps, under a per-process RLIMIT_AS of "
+                 + (f"{cap['cap_gib']} GiB. " if cap.get("cap_gib") else
+                    "the virtual-memory peak of one uncapped sigscale step plus 1 GiB. "))
+    lines = [f"{runs}{c['precision']}, {c['backend']}. images/s: {m['throughput_method']}. Memory: "
+             f"{m['memory_method']}, allocator {m['allocator']}.", "",
              "| run | W | global batch | accum | sigscale strategy | sigscale img/s | open_clip img/s | img/s ratio "
              "| sigscale peak RSS / rank (MiB) | open_clip peak RSS / rank (MiB) | memory ratio | load | note |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def cell(r: Dict[str, Any], key: str, scale: float = 1.0) -> str:
         if r.get("status") != "ok":
-            return r.get("status", "–")
+            marker = r.get("error_marker")
+            return f"{r.get('status', '–')} ({marker!r})" if marker else r.get("status", "–")
         return f"{r[key] / scale:.1f}"
 
     for p in results["pairs"]:
@@ -334,7 +347,25 @@ def render_markdown(results: Dict[str, Any]) -> str:
                      f"{cell(s, 'images_per_s')} | {cell(o, 'images_per_s')} | {tr} | "
                      f"{cell(s, 'rss_peak_bytes', 2**20)} | {cell(o, 'rss_peak_bytes', 2**20)} | {mr} | "
                      f"{p['loadavg_1min']} | {note} |")
+    summary = summarise_repeats(results)
+    if summary:
+        lines += ["", "| sigscale strategy | pairs | img/s ratio, median (min–max) | memory ratio, median (min–max) |",
+                  "|---|---:|---:|---:|"]
+        for strategy, r in summary.items():
+            lines.append(f"| {strategy} | {r['pairs']} | {r['throughput'][1]:.2f}× ({r['throughput'][0]:.2f}–"
+                         f"{r['throughput'][2]:.2f}) | {r['memory'][1]:.2f}× ({r['memory'][0]:.2f}–{r['memory'][2]:.2f}) |")
     return "\n".join(lines) + "\n"
+
+
+def summarise_repeats(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per strategy, over the uncapped pairs where both peers ran: (min, median, max) of each ratio."""
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for p in results["pairs"]:
+        if not p.get("cap_bytes") and "throughput_ratio" in p:
+            by.setdefault(p["strategy"], []).append(p)
+    spread = lambda xs: (min(xs), statistics.median(xs), max(xs))  # noqa: E731
+    return {k: {"pairs": len(v), "throughput": spread([p["throughput_ratio"] for p in v]),
+                "memory": spread([p["memory_ratio"] for p in v])} for k, v in by.items()}
 
 
 def peer_compat_shim(module: str, argv: List[str]) -> None:

@@ -125,9 +125,9 @@ def _bench_loss(args: argparse.Namespace) -> int:
 
 
 def _bench_tokenizer(args: argparse.Namespace) -> int:
-    from sigscale.bench_tokenizer import run_tokenizer_bench
+    from sigscale.bench_tokenizer import render_markdown as render_tokenizer, run_tokenizer_bench
 
-    print(json.dumps(run_tokenizer_bench(args.out or "bench_results/tokenizer.json"), indent=2))
+    print(render_tokenizer(run_tokenizer_bench(args.out or "bench_results/tokenizer.json")))
     return 0
 
 
@@ -152,6 +152,12 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 def _bench_memory(args: argparse.Namespace) -> int:
     from sigscale.bench_memory import render_markdown as render_memory, run_memory_bench
+
+    if args.check:
+        from sigscale.bench_plan import render_markdown as render_check, run_plan_check
+
+        print(render_check(run_plan_check(args.out or "bench_results/plan_check.json", quick=args.quick)))
+        return 0
 
     kwargs = dict(out_json=args.out or "bench_results/memory.json", quick=args.quick)
     if args.config:
@@ -192,10 +198,12 @@ def _bench_bound(args: argparse.Namespace) -> int:
 
 
 def _bench_curation(args: argparse.Namespace) -> int:
-    from sigscale.curation.bench import render_finalize_markdown, run_curation_bench, run_finalize_bench
+    from sigscale.curation.bench import (render_curation_markdown, render_finalize_markdown, run_curation_bench,
+                                         run_finalize_bench)
 
     if not args.rows:
-        print(json.dumps(run_curation_bench(args.out or "bench_results/curation.json"), indent=2))
+        result = run_curation_bench(args.out or "bench_results/curation.json")
+        print(render_curation_markdown(result, "sigscale bench " + " ".join(sys.argv[2:])))
         return 0
     threshold = 3 if args.phash_threshold is None else args.phash_threshold
     out = Path(args.out or "bench_results/curation_finalize.json")
@@ -300,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
     b.add_argument("--strategies",
                    help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
+    b.add_argument("--check", action="store_true",
+                   help="memory: the planner's predicted peak against the engine's on shapes outside its calibration")
     b.add_argument("--capped", action="store_true",
                    help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from sigscale.curation import synthetic
+from sigscale.demo_summary import source_revision, write_summary
 from sigscale.eval.babel import write_babel_imagenet
 from sigscale.eval.karpathy import write_karpathy
 from sigscale.eval.xm3600 import write_xm3600
@@ -162,7 +163,7 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
                          job={"config": "tiny", "overrides": overrides, "config_hash": config_hash(cfg),
                               "curation": {"rows": size.samples, "kept": manifest.num_samples,
                                            "dropped": stats.get("dropped", {})},
-                              "seconds": round(time.perf_counter() - t0, 1)})
+                              "seconds": round(time.perf_counter() - t0, 1), "revision": source_revision()})
     last = records[-1]["benchmarks"]
     z, x = last["zeroshot"], last["xm3600"]
     print(f"   step {records[-1]['step']}: zero-shot top-1 {z['top1']:.1f}% (chance {z['chance_top1']:.1f}%)")
@@ -175,6 +176,6 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
     _print_babel_and_coco(records, sets_seconds)
     print(f"   headline: {json.dumps({k: round(v, 1) for k, v in headline(records[-1]).items()}, ensure_ascii=False)}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
-    print(f"report: {paths['html'].resolve()}")
+    print(f"summary: {write_summary(out).resolve()}\nreport: {paths['html'].resolve()}")
     return paths["html"]
 

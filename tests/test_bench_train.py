@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sigscale.bench_train import PEERS, run_train_bench, write_open_clip_model
+from sigscale.bench_train import PEERS, render_markdown, run_train_bench, write_open_clip_model
 from sigscale.cli import main
 from sigscale.core.config import ConfigError
 
@@ -24,6 +24,9 @@ def test_quick_bench_reports_both_peers_and_their_ratios(tmp_path):
     assert pair["throughput_ratio"] == pytest.approx(s["images_per_s"] / o["images_per_s"])
     assert pair["memory_ratio"] == pytest.approx(s["rss_peak_bytes"] / o["rss_peak_bytes"])
     assert results["ratios"] == {"throughput": [pair["throughput_ratio"]], "memory": [pair["memory_ratio"]]}
+    table = render_markdown(results)  # the command renders every pair and the summary over repeats itself
+    assert f"| ddp | 1 | {pair['throughput_ratio']:.2f}× ({pair['throughput_ratio']:.2f}–" in table
+    assert f"{s['images_per_s']:.1f} | {o['images_per_s']:.1f} |" in table
 
 
 def test_open_clip_builds_the_same_towers_offline(tmp_path):
@@ -47,3 +50,16 @@ def test_a_point_sigscale_cannot_run_fails_before_launching(tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size=100 is not divisible by world size 3"):
         run_train_bench(tmp_path / "t.json", config="tiny", world=3, batch=100)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_repeats_are_summarised_per_strategy_without_the_capped_point():
+    from sigscale.bench_train import summarise_repeats
+
+    def pair(strategy, tr, mr, cap=None):
+        return {"strategy": strategy, "throughput_ratio": tr, "memory_ratio": mr, "cap_bytes": cap}
+
+    pairs = [pair("ddp", 1.3, 0.96), pair("fsdp", 1.1, 0.94), pair("ddp", 0.9, 0.95), pair("ddp", 1.0, 0.97),
+             pair("ddp", 0.5, 0.1, cap=2**30), {"strategy": "fsdp", "cap_bytes": None}]  # the last: a peer failed
+    summary = summarise_repeats({"pairs": pairs})
+    assert summary == {"ddp": {"pairs": 3, "throughput": (0.9, 1.0, 1.3), "memory": (0.95, 0.96, 0.97)},
+                       "fsdp": {"pairs": 1, "throughput": (1.1, 1.1, 1.1), "memory": (0.94, 0.94, 0.94)}}

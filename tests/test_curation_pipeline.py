@@ -344,12 +344,23 @@ def test_cli_finalize_and_errors(curated, capsys):
 
 
 def test_curation_benchmark_writes_its_numbers(tmp_path):
-    from sigscale.curation.bench import run_curation_bench
+    from sigscale.curation.bench import render_curation_markdown, run_curation_bench
 
     result = run_curation_bench(tmp_path / "curation.json", rows=150, processes=1, threads=16)
     assert json.loads((tmp_path / "curation.json").read_text()) == result
     assert 120 <= result["kept"] < 150  # ~5% broken and ~5% near-duplicates removed
     assert result["text_captions_per_second"] > 0 and result["download_images_per_second"] > 0
+    # The filter accounting joins the generator's truth to the outcomes: it must add up with stats.json.
+    planted, caught = result["near_duplicates_planted"], result["near_duplicates_caught"]
+    assert planted >= 3 and caught + sum(result["planted_other_outcomes"].values()) == planted
+    assert caught + result["false_near_duplicate_drops"] == result["dropped"].get("near_duplicate", 0)
+    assert caught == planted and result["false_near_duplicate_drops"] == 0  # as the pipeline tests above find
+    assert result["broken_with_expected_reason"] == result["broken_urls"] > 0
+    assert result["language_id"]["captions"] == 150
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert stages["text filters"]["rows_in"] == 150 and stages["download (img2dataset)"]["rows_per_second"] > 0
+    table = render_curation_markdown(result, "sigscale bench curation")
+    assert f"| planted near-duplicates dropped as near_duplicate | {caught} of {planted} " in table
 
 
 def test_training_reads_the_curated_shards_and_tokenizer_corpus(curated, tmp_path):

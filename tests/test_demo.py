@@ -58,3 +58,10 @@ def test_quick_demo_learns_far_above_chance_and_writes_the_report(tmp_path):
     page = parse_html(html_path)
     assert page.tables >= 2 and len(page.srcs) >= 3
     assert all(src.startswith("data:image/png;base64,") for src in page.srcs)
+
+    # summary.md: the demo's own table, rendered from the same stats, metrics and report
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert f"summary: {(out / 'summary.md').resolve()}" in proc.stdout
+    assert f"| curation | {stats['kept']:,} of 4,096 URL-list rows kept" in summary
+    assert "700 steps of global batch 64" in summary and f"→ {losses[-1]:.2f} |" in summary
+    assert f"| eval: zeroshot | top1 {zs['top1']:.1f}%" in summary and "| eval: xm3600 |" in summary

@@ -171,3 +171,57 @@ def test_plan_command_prints_the_table_and_exits_2_when_it_cannot_fit(capsys):
     assert "does not fit" in capsys.readouterr().err
     assert main(["plan", "--config", "tiny", "--gpus", "1", "--gpu-mem", "1GB", "model.preset=nope"]) == 2
     assert "unknown model.preset 'nope'" in capsys.readouterr().err
+
+
+def test_planner_says_when_activation_checkpointing_can_be_switched_off():
+    cfg = load_config("so400m14_msiglip_32k")  # checkpointing on in both towers
+    roomy = plan(cfg, 8, parse_bytes("80GB"), nodes=32)  # 128 per GPU: fits without checkpointing
+    off = roomy.checkpointing_off
+    assert off is not None and off.towers == ["vision", "text"]
+    # The advice holds: the same config without checkpointing plans the same split at the advised peak.
+    without = plan(load_config("so400m14_msiglip_32k", ["train.grad_checkpointing.vision=false",
+                                                        "train.grad_checkpointing.text=false"]),
+                   8, parse_bytes("80GB"), nodes=32)
+    row = check_fits(without)
+    assert (row.micro, row.accum_steps) == (off.micro, off.accum_steps) == (roomy.best.micro, roomy.best.accum_steps)
+    assert row.peak == pytest.approx(off.peak) and off.peak > roomy.best.peak
+    assert without.checkpointing_off is None  # nothing left to switch off
+    # 4 nodes: without checkpointing the 1024 per GPU would need more accumulation, so it stays on.
+    assert plan(cfg, 8, parse_bytes("80GB"), nodes=4).checkpointing_off is None
+
+
+def test_plan_command_advises_switching_checkpointing_off_only_when_it_fits(capsys):
+    assert main(["plan", "--config", "so400m14_msiglip_32k", "--gpus-per-node", "8", "--nodes", "32",
+                 "--gpu-mem", "80GB"]) == 0
+    assert "Activation checkpointing can be switched off (train.grad_checkpointing.vision=false " \
+           "train.grad_checkpointing.text=false)" in capsys.readouterr().out
+    assert main(["plan", "--config", "so400m14_msiglip_32k", "--gpus-per-node", "8", "--nodes", "4",
+                 "--gpu-mem", "80GB"]) == 0
+    assert "can be switched off" not in capsys.readouterr().out
+
+
+def test_plan_command_reads_gpus_per_node_and_refuses_a_memory_without_unit(capsys):
+    assert main(["plan", "--config", "so400m14_msiglip_32k", "--gpus-per-node", "8", "--nodes", "4",
+                 "--gpu-mem", "80GB"]) == 0
+    assert "32 GPU(s) x 80.0 GiB" in capsys.readouterr().out  # per node, times the nodes
+    assert main(["plan", "--config", "so400m14_msiglip_32k", "--gpus-per-node", "8", "--gpu-mem", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-mem '80' has no unit; write 80GB" in err and len(err.strip().splitlines()) == 1
+
+
+# `sigscale bench memory --check` (BENCHMARKS.md, "The planner against shapes it was not fitted to"):
+# the planner's step peak was off by 2.7-11.4% on the four held-out points (worst: ZeRO-3, 12 + 8
+# blocks), and by -8.4% on this test's point. 15% holds that with room for the profiler's event timing.
+HELD_OUT_TOLERANCE = 0.15
+
+
+@pytest.mark.multiproc
+def test_planner_predicts_the_engine_peak_on_a_shape_outside_its_calibration(tmp_path):
+    from sigscale.bench_plan import QUICK, run_plan_check
+
+    [point] = QUICK
+    assert not point.calibration and point.world not in (1, 2, 4) and point.batch != 64  # off the fitted set
+    results = run_plan_check(tmp_path / "check.json", quick=True)
+    [row] = results["points"]
+    assert row["vision"][0] not in (64, 192) and row["text"][2] not in (16, 32)  # other widths and lengths
+    assert row["planned_peak_bytes"] == pytest.approx(row["measured_peak_bytes"], rel=HELD_OUT_TOLERANCE), row

@@ -1,5 +1,5 @@
 """SentencePiece training and SigLIP-style encoding."""
-import time
+import json
 
 import pytest
 import sentencepiece as spm
@@ -107,3 +107,13 @@ def test_loads_existing_model_with_other_ids(tmp_path):
     tok = Tokenizer(path, context_length=6, pad_id=None)
     ids = tok("red")[0].tolist()
     assert tok.eos_id == 2 and tok.pad_id == 2 and 2 in ids
+
+
+def test_tokenizer_benchmark_renders_the_captions_per_second_it_measured(tmp_path):
+    from sigscale.bench_tokenizer import render_markdown, run_tokenizer_bench
+
+    result = run_tokenizer_bench(tmp_path / "tok.json", n_captions=3000, vocab_size=800, batch_size=500)
+    assert json.loads((tmp_path / "tok.json").read_text()) == result
+    assert result["captions"] == 3000 and 0 < result["vocab"] <= 800 and result["captions_per_s"] > 0
+    row = render_markdown(result).splitlines()[2]
+    assert row.startswith("| 3,000 | en de fr") and f"| {result['captions_per_s']:,} |" in row

@@ -118,6 +118,19 @@ def test_single_process_run_learns_logs_and_keeps_last_checkpoints(tmp_path, dat
     assert tb_loss == pytest.approx(losses, rel=1e-6)
 
 
+def test_logged_throughput_counts_the_steps_since_the_last_log_line(tmp_path, data):
+    """The last step of a run is logged off the log_every grid: its images/s (and TFLOP/s) must divide
+    the images of the 3 steps since the previous line by their time, not batch x log_every (3.3x too much)."""
+    cfg = load_config("tiny", overrides(data, tmp_path / "run", 4, 100, ["train.log_every=10"]))
+    train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 3]
+    first, last = rows
+    expected = cfg.train.batch_size * 3 / (last["time"] - first["time"])
+    assert last["images_per_s"] == pytest.approx(expected, rel=0.15)
+    assert last["tflops_per_s"] / last["images_per_s"] == pytest.approx(first["tflops_per_s"] / first["images_per_s"])
+
+
 def cli_train(data, out_dir, steps, ckpt_every, nproc=1, extra=()):
     cmd = [sys.executable, "-m", "sigscale.cli", "train", "--config", "tiny", "--nproc", str(nproc),
            *overrides(data, out_dir, steps, ckpt_every, extra)]
