@@ -11,12 +11,14 @@ import html
 import io
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from sigscale import __version__
 from sigscale.core.rundir import RunDir
 from sigscale.eval.references import References, hidden, load_references
+from sigscale.eval.seeds import ALPHA, LEVEL, METHOD, Group, Test, estimate, group_records, pairs, welch
 from sigscale.eval.sources import EvalDataError
 from sigscale.eval.views import PUBLISHED, VIEW, languages_heatmap, languages_view, published_views
 
@@ -26,6 +28,8 @@ FORMAT = "sigscale-eval-report/1"
 class ReportError(EvalDataError):
     """A report file to read or compare is missing or is not a sigscale eval report."""
 
+
+NOTE = "note"  # the kind of a table whose note says what its rows share, not a protocol
 
 # The summary metrics, in order; a benchmark reports those it has ("all pairs" sets: R@1 only).
 _HEADLINE = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5", "i2t_r@10", "t2i_r@10", "top1", "top5")
@@ -39,6 +43,13 @@ def headline(record: Dict[str, Any]) -> Dict[str, float]:
         wanted = _HEADLINE if "mean" in res or "top1" in stats else _HEADLINE[:2]
         out.update({f"{name} {m}": stats[m] for m in wanted if m in stats})
     return out
+
+
+def headline_metrics(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """Every headline metric of the records: benchmark by benchmark, each in ``_HEADLINE``'s order
+    (R@1, R@5, R@10), not alphabetically (R@1, R@10, R@5)."""
+    return sorted({m for r in records for m in headline(r)},
+                  key=lambda m: (m.rsplit(" ", 1)[0], _HEADLINE.index(m.rsplit(" ", 1)[1])))
 
 
 def loss_curve(run_dir: Optional[str]) -> List[Tuple[int, float]]:
@@ -203,15 +214,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[List[st
     return [list(header)] + [[_fmt(c) for c in r] for r in rows]
 
 
+def _shared_columns(header: List[str], rows: List[List[Any]], columns: Sequence[str]) -> Tuple[List[str], List[List[Any]], str]:
+    """The named columns whose value every row shares leave the table for one note: long constant cells
+    (a run's model and recipe) otherwise push the metrics off the page."""
+    shared = [c for c in columns if c in header and rows and len({str(r[header.index(c)]) for r in rows}) == 1]
+    keep = [i for i, h in enumerate(header) if h not in shared]
+    note = "; ".join(f"{c}: {_fmt(rows[0][header.index(c)])}" for c in shared)
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows], note
+
+
 def _tables(records: Sequence[Dict], refs: References) -> List[Tuple[str, List[List[str]], str, str]]:
     """(title, rows with header first, note, kind) for the summary, each benchmark of the last checkpoint with
     the published results that compare with it, and the languages view."""
     out = []
-    metrics = sorted({m for r in records for m in headline(r)})
-    out.append(("Summary", _table(["checkpoint", "kind", "step", "model", "recipe", "config hash"] + metrics,
-                                  [[name, r.get("kind"), r.get("step"), r.get("model"), r.get("recipe"),
-                                    r.get("config_hash")] + [headline(r).get(m) for m in metrics]
-                                   for name, r in zip(unique_labels(records), records)]), ""))
+    metrics = headline_metrics(records)
+    header, rows, note = _shared_columns(
+        ["checkpoint", "kind", "step", "model", "recipe", "config hash"] + metrics,
+        [[name, r.get("kind"), r.get("step"), r.get("model"), r.get("recipe"), r.get("config_hash")]
+         + [headline(r).get(m) for m in metrics] for name, r in zip(unique_labels(records), records)],
+        ("model", "recipe", "config hash"))
+    out.append(("Summary", _table(header, rows), note, NOTE))
     last = records[-1]
     for name, res in last.get("benchmarks", {}).items():
         note = res.get("protocol", "")
@@ -356,16 +378,80 @@ def compare_reports(paths: Sequence[Path], out_dir: Path, title: str = "sigscale
             records.append({**r, "report": str(p)})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = sorted({m for r in records for m in headline(r)})
+    metrics = headline_metrics(records)
     names = unique_labels(records)
-    rows = _table(["checkpoint", "report", "step", "model", "recipe", "config hash"] + metrics,
-                  [[name, r["report"], r.get("step"), r.get("model"), r.get("recipe"), r.get("config_hash")]
-                   + [headline(r).get(m) for m in metrics] for name, r in zip(names, records)])
+    # The checkpoint's label already names its report folder (compare.json keeps the paths and config hashes).
+    header, body, shared = _shared_columns(["checkpoint", "step", "model", "recipe"] + metrics,
+                                           [[name, r.get("step"), r.get("model"), r.get("recipe")]
+                                            + [headline(r).get(m) for m in metrics] for name, r in zip(names, records)],
+                                           ("model", "recipe"))
+    rows = _table(header, body)
     protocols = sorted({f"{b}: {res.get('protocol', '')}" for r in records for b, res in r["benchmarks"].items()})
-    tables = [("Headline metrics", rows, " | ".join(protocols))]
-    plots = {"comparison": _side_by_side(list(zip(names, map(headline, records))), title)}
+    groups = group_records(records, names)
+    seed_tables, seed_doc = _seed_groups(groups, metrics)
+    tables = seed_tables + [("Headline metrics, every checkpoint", rows,
+                             (f"{shared}. " if shared else "") + "Protocol: " + " | ".join(protocols), NOTE)]
+    replicated = any(len(g.records) > 1 for g in groups)
+    plots = {"seed_groups": _group_bars(groups, metrics)} if replicated else \
+        {"comparison": _side_by_side(list(zip(names, map(headline, records))), title)}
     doc = {"format": FORMAT + "+compare", "reports": [str(p) for p in paths], "metrics": metrics,
-           "rows": [{"checkpoint": name, "report": r["report"], **headline(r)} for name, r in zip(names, records)]}
+           "rows": [{"checkpoint": name, "report": r["report"], "config_hash": r.get("config_hash"), **headline(r)}
+                    for name, r in zip(names, records)],
+           **seed_doc}
     (out / "compare.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-    intro = f"{len(records)} checkpoint(s) from {len(paths)} report(s)."
+    intro = (f"{len(records)} checkpoint(s) from {len(paths)} report(s) in {len(groups)} group(s) of seed "
+             f"replicates. {METHOD}")
     return {"json": out / "compare.json", **_write_pages(out, "compare", title, tables, plots, intro)}
+
+
+def _seed_groups(groups: Sequence[Group], metrics: Sequence[str]) -> Tuple[List, Dict[str, Any]]:
+    """The tables of seed groups (mean ± CI per metric) and of Welch's tests between them, and their JSON."""
+    est = {id(g): {m: estimate(g.values(m, headline)) for m in metrics if g.values(m, headline)} for g in groups}
+    group_rows = [[g.label, g.step, str(len(g.records)) if len(g.records) > 1 else "n = 1, no interval",
+                   ", ".join(map(str, g.seeds))] + [est[id(g)][m].text() if m in est[id(g)] else None for m in metrics]
+                  for g in groups]
+    tables = [(f"Seed groups: mean ± {LEVEL:.0%} CI over seeds", _table(["group", "step", "n", "seeds"] + metrics,
+                                                                        group_rows), "")]
+    test_rows, tests = [], []
+    tested = pairs(groups)
+    latest = tested[0][0].step if tested else None  # the table shows the latest step; the JSON has every step
+    for a, b in tested:
+        results = {m: welch(a.values(m, headline), b.values(m, headline)) for m in metrics
+                   if m in est[id(a)] and m in est[id(b)]}
+        tests.append({"a": a.label, "b": b.label, "step": a.step, "welch": {m: asdict(t) for m, t in results.items()}})
+        if a.step != latest:
+            continue
+        if all(t.p is None for t in results.values()):  # n = 1 somewhere: one row says so, not one per metric
+            test_rows.append([a.step, a.label, b.label, "all", None, None, None, None, None, Test(0, None, None, None).verdict()])
+            continue
+        for m, t in results.items():
+            test_rows.append([a.step, a.label, b.label, m, est[id(a)][m].text(), est[id(b)][m].text(), f"{t.diff:+.2f}",
+                              None if t.t is None else f"{t.t:.2f} ({t.df:.1f})",
+                              None if t.p is None else f"{t.p:.3f}", t.verdict()])
+    if test_rows:
+        tables.append((f"Distinguishable? Welch's t-test, two-sided, at {ALPHA:.0%}, step {latest} "
+                       "(compare.json: every step)",
+                       _table(["step", "A", "B", "metric", "A mean ± CI", "B mean ± CI", "Δ (A − B)", "t (df)", "p",
+                               "verdict"], test_rows), ""))
+    doc = {"groups": [{"label": g.label, "step": g.step, "kind": g.kind, "n": len(g.records), "seeds": g.seeds,
+                       "reports": [r.get("report") for r in g.records],
+                       "metrics": {m: asdict(e) for m, e in est[id(g)].items()}} for g in groups],
+           "tests": tests, "method": METHOD}
+    return tables, doc
+
+
+def _group_bars(groups: Sequence[Group], metrics: Sequence[str]) -> bytes:
+    """Bars of each group's mean per metric with its CI as an error bar, at the latest step of the groups."""
+    last = max((g.step for g in groups if g.step is not None), default=None)
+    shown = [g for g in groups if g.step == last]
+    fig, ax = _figure(max(6.0, 0.9 * len(metrics) + 2))
+    width = 0.8 / max(1, len(shown))
+    for i, g in enumerate(shown):
+        es = [estimate(g.values(m, headline)) if g.values(m, headline) else None for m in metrics]
+        ax.bar([j + i * width for j in range(len(metrics))], [e.mean if e else float("nan") for e in es], width,
+               yerr=[(e.half or 0.0) if e else 0.0 for e in es], capsize=3, label=f"{g.label} (n = {len(g.records)})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title(f"seed groups at step {last}: mean ± {LEVEL:.0%} CI")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
+    return _png(fig)

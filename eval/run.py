@@ -8,6 +8,7 @@ and evaluates each one.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,9 @@ def load_for_eval(checkpoint: str, tokenizer: str = "", model: str = "") -> Load
             "model": f"ViT {c.vision.width}x{c.vision.depth}/{c.vision.patch_size} @{c.vision.image_size}px, "
                      f"text {c.text.width}x{c.text.depth}, vocab {c.text.vocab_size}",
             "name": src.experiment.name if src.experiment else Path(checkpoint).name,
-            "recipe": _recipe(src.experiment) if src.experiment else None}
+            "recipe": _recipe(src.experiment) if src.experiment else None,
+            # The whole training config, so that `report compare` can tell seed replicates of one recipe apart.
+            "config": dataclasses.asdict(src.experiment) if src.experiment else None}
     return LoadedCheckpoint(net, tok, info)
 
 

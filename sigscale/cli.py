@@ -223,6 +223,26 @@ def _bench_langid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ablation(args: argparse.Namespace) -> int:
+    from sigscale.bench_ablation import render_markdown as render_ablation, run_ablation
+    from sigscale.core.config import ConfigError
+
+    kwargs = dict(out_json=args.out or "bench_results/ablation.json", quick=args.quick)
+    if args.losses:
+        kwargs["losses"] = tuple(args.losses.split(","))
+    for flag, key in (("--seeds", "seeds"), ("--batch-sizes", "batch_sizes")):
+        text = getattr(args, key)
+        if text:
+            try:
+                kwargs[key] = tuple(int(v) for v in text.split(","))
+            except ValueError:
+                raise ConfigError(f"{flag} {text}: give comma-separated integers, e.g. {flag} 0,1,2") from None
+    if args.nproc:
+        kwargs["nproc"] = args.nproc
+    print(render_ablation(run_ablation(**kwargs)))
+    return 0
+
+
 # `sigscale bench WHAT`: one function per benchmark.
 BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "loss": _bench_loss,
@@ -233,6 +253,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "bound": _bench_bound,
     "curation": _bench_curation,
     "langid": _bench_langid,
+    "ablation": _bench_ablation,
 }
 
 
@@ -243,8 +264,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sigscale.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, nproc=args.nproc, loss=args.loss, cluster=args.cluster)
+    run_demo(Path(args.out), quick=args.quick, nproc=args.nproc, loss=args.loss, cluster=args.cluster, seed=args.seed)
     return 0
+
+
+def _bench_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
+    b.add_argument("--out", help="JSON path to write")
+    b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
+    b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
+    b.add_argument("--dim", type=int, help="loss/bound: embedding width (default: the benchmark's own)")
+    b.add_argument("--impls", help="comma-separated: sigscale,open_clip_bidir,open_clip_gather,naive_allgather,...")
+    b.add_argument("--repeats", type=int, help="timed repetitions per point (default: the benchmark's own)")
+    b.add_argument("--chunk-size", type=int, help="loss: rows per chunk of the chunked loss (default: its own)")
+    b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
+    b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    b.add_argument("--rows", help="curation: comma-separated candidate counts for the partitioned finalize on "
+                   "synthetic metadata, e.g. 1000000,4000000 (without it: the loopback end-to-end bench)")
+    b.add_argument("--phash-threshold", type=int, help="curation --rows: pHash Hamming threshold (default 3)")
+    b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
+    b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
+    b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
+    b.add_argument("--strategies",
+                   help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
+    b.add_argument("--losses", help="ablation: comma-separated train.loss values (default sigmoid,softmax)")
+    b.add_argument("--seeds", help="ablation: comma-separated train.seed values (default 0,1,2)")
+    b.add_argument("--nproc", type=int, help="ablation: training processes per run (default 2, as the demo)")
+    b.add_argument("--check", action="store_true",
+                   help="memory: the planner's predicted peak against the engine's on shapes outside its calibration")
+    b.add_argument("--capped", action="store_true",
+                   help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,29 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model config of foreign open_clip weights: a preset or an experiment YAML "
                                    "(sigscale's own exports carry it)")
 
-    b = add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)")
-    b.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
-    b.add_argument("--out", help="JSON path to write")
-    b.add_argument("--world-sizes", help="comma-separated, e.g. 1,2,4,8")
-    b.add_argument("--batch-sizes", help="comma-separated global batches, e.g. 4096,16384")
-    b.add_argument("--dim", type=int, help="loss/bound: embedding width (default: the benchmark's own)")
-    b.add_argument("--impls", help="comma-separated: sigscale,open_clip_bidir,open_clip_gather,naive_allgather,...")
-    b.add_argument("--repeats", type=int, help="timed repetitions per point (default: the benchmark's own)")
-    b.add_argument("--chunk-size", type=int, help="loss: rows per chunk of the chunked loss (default: its own)")
-    b.add_argument("--max-seconds", type=float, help="skip points predicted to take longer")
-    b.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    b.add_argument("--rows", help="curation: comma-separated candidate counts for the partitioned finalize on "
-                   "synthetic metadata, e.g. 1000000,4000000 (without it: the loopback end-to-end bench)")
-    b.add_argument("--phash-threshold", type=int, help="curation --rows: pHash Hamming threshold (default 3)")
-    b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
-    b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
-    b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
-    b.add_argument("--strategies",
-                   help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
-    b.add_argument("--check", action="store_true",
-                   help="memory: the planner's predicted peak against the engine's on shapes outside its calibration")
-    b.add_argument("--capped", action="store_true",
-                   help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
+    _bench_arguments(add("bench", cmd_bench, "run a benchmark and write JSON (see BENCHMARKS.md)"))
 
     d = add("demo", cmd_demo, "run the whole pipeline end to end on generated data")
     d.add_argument("--out", default="demo_out", help="folder for everything the demo writes (default demo_out)")
@@ -319,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nproc", type=int, default=2, help="training processes (FSDP2 ranks)")
     d.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid",
                    help="softmax: the CLIP loss at the same batch, for a side-by-side with `sigscale report compare`")
+    d.add_argument("--seed", type=int, default=0, help="train.seed: tower init and data order (default 0)")
     d.add_argument("--cluster", choices=["slurm", "local"], help="train through `sigscale submit` instead of torchrun")
 
     # Each stage package owns its subcommands in `<stage>/cli.py` with `register(add)`; importing it

@@ -18,8 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
+from sigscale.core.errors import SigscaleError
 from sigscale.curation import synthetic
 from sigscale.demo_summary import source_revision, write_summary
 from sigscale.eval.babel import write_babel_imagenet
@@ -99,22 +100,26 @@ def _print_babel_and_coco(records: List[dict], sets_seconds: Tuple[float, float]
           f"Babel-ImageNet + COCO evaluated in {extra:.1f} s over {len(records)} checkpoints")
 
 
-def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoid", cluster: str = "") -> Path:
-    """Run every stage into ``out``; returns the HTML report's path."""
-    from sigscale.core.manifest import load_manifest
+@dataclass(frozen=True)
+class DemoData:
+    """What curation and the held-out sets leave on disk; training runs of any recipe can share it."""
+    sets: Dict[str, Path]  # the held-out sets by name (_heldout_sets)
+    sets_seconds: Tuple[float, float]
+    shards: Path
+    rows: int
+    kept: int
+    dropped: Dict[str, int]
+
+    @property
+    def curation(self) -> Dict[str, Any]:
+        return {"rows": self.rows, "kept": self.kept, "dropped": self.dropped}
+
+
+def prepare_data(out: Path, size: DemoSize) -> DemoData:
+    """The held-out evaluation sets and the curated training shards, written under ``out``."""
     from sigscale.curation.serve import ImageServer, write_url_list
-    from sigscale.eval.config import EvalJobConfig
-    from sigscale.eval.run import evaluate_checkpoints
-    from sigscale.eval.report import headline, write_report
-    from sigscale.core.config import config_hash
-    from sigscale.pretrain.config import load_config
-    from sigscale.core.rundir import RunDir
-    from sigscale.pretrain.tokenizer import Tokenizer
 
-    size = QUICK if quick else FULL
     out = Path(out)
-    t0 = time.perf_counter()
-
     _stage("held-out evaluation sets: XM3600 layout (9 languages), an ImageFolder of 24 classes, Babel-ImageNet "
            "layout (the 24 classes named in 9 languages) and COCO Karpathy layout (English)")
     sets, sets_seconds = _heldout_sets(out, size)
@@ -127,55 +132,121 @@ def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoi
         urls = write_url_list(out / "urls.parquet", size.samples, server.base_url, seed=0)
         _run(_sigscale("curate", "--config", "curation/demo", f"input.path={urls}", f"output.dir={shards}",
                        f"image.decontaminate=[{_image_dirs(sets)}]"), "curation")
-    manifest = load_manifest(shards)
-    stats = json.loads((shards / "stats.json").read_text())
-    print(f"   kept {manifest.num_samples} of {size.samples} rows in {len(manifest.shards)} shards; "
-          f"dropped: {stats.get('dropped', {})}")
+    return _curated(out, size, sets, sets_seconds)
 
-    where = f"a Slurm job ({cluster})" if cluster else f"FSDP2 over {nproc} local processes"
-    _stage(f"train: SentencePiece BPE on the curated captions, then tiny SigLIP, {where}, chunked {loss} loss, "
-           f"batch {size.batch}, {size.steps} steps")
-    run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [
+
+def load_data(out: Path, size: DemoSize) -> DemoData:
+    """The data a finished ``prepare_data(out, size)`` left (the held-out sets written again, identically);
+    refuses a folder curated for another size."""
+    from sigscale.core.manifest import load_manifest
+
+    load_manifest(Path(out) / "shards")  # a missing or unfinished curation fails here, before anything is written
+    return _curated(Path(out), size, *_heldout_sets(Path(out), size))
+
+
+def _curated(out: Path, size: DemoSize, sets: Dict[str, Path], sets_seconds: Tuple[float, float]) -> DemoData:
+    from sigscale.core.manifest import load_manifest
+
+    manifest = load_manifest(out / "shards")
+    stats = json.loads((out / "shards" / "stats.json").read_text())
+    if stats.get("input_rows") != size.samples:
+        raise SigscaleError(f"{out / 'shards'} was curated from {stats.get('input_rows')} rows, not {size.samples}; "
+                            "use another --out or delete that folder")
+    return DemoData(sets, sets_seconds, out / "shards", size.samples, manifest.num_samples, stats.get("dropped", {}))
+
+
+def recipe_overrides(data: DemoData, run_dir: Path, size: DemoSize, loss: str, seed: int = 0) -> List[str]:
+    """The demo's training recipe as `sigscale train` overrides: the one owner of it (demo and ablation)."""
+    return [
         # The run trains its tokenizer (tokenizer.model left empty): BPE, as unigram keeps few whole words on
         # this templated corpus (hi/ru captions: 38-47 pieces vs 9-10 with BPE, measured; the tower reads 16).
-        f"data.shards={shards}", f"data.caption_corpus={shards / 'captions.txt'}",
+        f"data.shards={data.shards}", f"data.caption_corpus={data.shards / 'captions.txt'}",
         "tokenizer.vocab_size=1000", "tokenizer.model_type=bpe",
-        f"train.out_dir={run_dir}", "train.strategy=fsdp", f"train.loss={loss}",
+        f"train.out_dir={run_dir}", "train.strategy=fsdp", f"train.loss={loss}", f"train.seed={seed}",
         f"train.steps={size.steps}", f"train.warmup_steps={size.steps // 15}", f"train.batch_size={size.batch}",
         f"train.lr={size.lr}", "train.log_every=50", f"train.ckpt_every={size.steps // 3}", "train.keep_last=3",
         "data.num_workers=1",
     ]
+
+
+def train_run(data: DemoData, run_dir: Path, size: DemoSize, loss: str = "sigmoid", seed: int = 0, nproc: int = 2,
+              cluster: str = "") -> None:
+    """Train the demo recipe into ``run_dir`` (replacing it) through `sigscale train` or `sigscale submit train`."""
+    from sigscale.core.rundir import RunDir
+    from sigscale.pretrain.tokenizer import Tokenizer
+
+    where = f"a Slurm job ({cluster})" if cluster else f"FSDP2 over {nproc} local processes"
+    _stage(f"train: SentencePiece BPE on the curated captions, then tiny SigLIP, {where}, chunked {loss} loss, "
+           f"batch {size.batch}, {size.steps} steps, seed {seed}")
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = recipe_overrides(data, run_dir, size, loss, seed)
     threads = max(1, (os.cpu_count() or 2) // nproc)
     if cluster:
         _run(_sigscale("submit", "train", "--config", "tiny", "--cluster", cluster, "--tasks-per-node", str(nproc),
                        "--wait", *overrides), "training", threads)
     else:
         _run(_sigscale("train", "--config", "tiny", "--nproc", str(nproc), "--no-resume", *overrides), "training", threads)
-    cfg = load_config("tiny", overrides)
     print(f"   tokenizer: vocab {Tokenizer(RunDir(run_dir).tokenizer).vocab_size}, {RunDir(run_dir).tokenizer}")
 
+
+def evaluate_run(data: DemoData, run_dir: Path, report_dir: Path, size: DemoSize, loss: str = "sigmoid",
+                 seed: int = 0, seconds: float = 0.0) -> Tuple[List[Dict], Dict[str, Path]]:
+    """Evaluate every kept checkpoint of a demo run on the held-out sets and write its report into ``report_dir``."""
+    from sigscale.core.config import config_hash
+    from sigscale.eval.config import EvalJobConfig
+    from sigscale.eval.report import write_report
+    from sigscale.eval.run import evaluate_checkpoints
+    from sigscale.pretrain.config import load_config
+
+    t0 = time.perf_counter()
     _stage("eval: every kept checkpoint on the held-out XM3600, classification, Babel-ImageNet and COCO-format sets")
-    job = EvalJobConfig(checkpoints=[str(run_dir / "checkpoints")], out=str(out / "report"), eval=_eval_config(sets))
+    overrides = recipe_overrides(data, Path(run_dir), size, loss, seed)
+    job = EvalJobConfig(checkpoints=[str(Path(run_dir) / "checkpoints")], out=str(report_dir),
+                        eval=_eval_config(data.sets))
     records = evaluate_checkpoints(job)
-    paths = write_report(records, Path(job.out), title=f"sigscale demo: tiny SigLIP, {loss} loss, {size.steps} steps",
-                         job={"config": "tiny", "overrides": overrides, "config_hash": config_hash(cfg),
-                              "curation": {"rows": size.samples, "kept": manifest.num_samples,
-                                           "dropped": stats.get("dropped", {})},
-                              "seconds": round(time.perf_counter() - t0, 1), "revision": source_revision()})
-    last = records[-1]["benchmarks"]
-    z, x = last["zeroshot"], last["xm3600"]
-    print(f"   step {records[-1]['step']}: zero-shot top-1 {z['top1']:.1f}% (chance {z['chance_top1']:.1f}%)")
+    paths = write_report(records, Path(job.out),
+                         title=f"sigscale demo: tiny SigLIP, {loss} loss, {size.steps} steps, seed {seed}",
+                         job={"config": "tiny", "overrides": overrides,
+                              "config_hash": config_hash(load_config("tiny", overrides)), "curation": data.curation,
+                              "seconds": round(seconds + time.perf_counter() - t0, 1),
+                              "revision": source_revision()})
+    return records, paths
+
+
+def train_and_evaluate(data: DemoData, run_dir: Path, report_dir: Path, size: DemoSize, loss: str = "sigmoid",
+                       seed: int = 0, nproc: int = 2, cluster: str = "") -> Tuple[List[Dict], Dict[str, Path]]:
+    """Train the demo recipe into ``run_dir``, evaluate it and write its report; the eval records and report paths."""
+    t0 = time.perf_counter()
+    train_run(data, run_dir, size, loss, seed, nproc, cluster)
+    return evaluate_run(data, run_dir, report_dir, size, loss, seed, time.perf_counter() - t0)
+
+
+def _print_summary(record: Dict[str, Any]) -> None:
+    from sigscale.eval.report import headline
+
+    z, x = record["benchmarks"]["zeroshot"], record["benchmarks"]["xm3600"]
+    print(f"   step {record['step']}: zero-shot top-1 {z['top1']:.1f}% (chance {z['chance_top1']:.1f}%)")
     m = x["mean"]
     print(f"   XM3600-format mean over {len(x['languages'])} languages (chance R@1 {x['chance_r@1']:.1f}%):")
     print(f"     I→T R@1/5/10 {m['i2t_r@1']:.1f} / {m['i2t_r@5']:.1f} / {m['i2t_r@10']:.1f}   "
           f"T→I R@1/5/10 {m['t2i_r@1']:.1f} / {m['t2i_r@5']:.1f} / {m['t2i_r@10']:.1f}")
     for lang, lm in x["languages"].items():
         print(f"     {lang}: I→T R@1 {lm['i2t_r@1']:5.1f}  T→I R@1 {lm['t2i_r@1']:5.1f}")
-    _print_babel_and_coco(records, sets_seconds)
-    print(f"   headline: {json.dumps({k: round(v, 1) for k, v in headline(records[-1]).items()}, ensure_ascii=False)}")
+    print(f"   headline: {json.dumps({k: round(v, 1) for k, v in headline(record).items()}, ensure_ascii=False)}")
+
+
+def run_demo(out: Path, quick: bool = False, nproc: int = 2, loss: str = "sigmoid", cluster: str = "",
+             seed: int = 0) -> Path:
+    """Run every stage into ``out``; returns the HTML report's path."""
+    size = QUICK if quick else FULL
+    out = Path(out)
+    t0 = time.perf_counter()
+    data = prepare_data(out, size)
+    print(f"   kept {data.kept} of {size.samples} rows; dropped: {data.dropped}")
+    records, paths = train_and_evaluate(data, out / "run", out / "report", size, loss, seed, nproc, cluster)
+    _print_summary(records[-1])
+    _print_babel_and_coco(records, data.sets_seconds)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     print(f"summary: {write_summary(out).resolve()}\nreport: {paths['html'].resolve()}")
     return paths["html"]
-

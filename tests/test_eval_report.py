@@ -89,8 +89,12 @@ def test_cli_eval_over_training_steps_writes_json_markdown_html(data, capsys):
     assert [r["checkpoint"] for r in table["rows"]] == ["tinyrun@2", "tinyrun@4 (report) (step_00000004)",
                                                         "tinyrun@4 (report) (run)", "tinyrun@4 (report_b)"]
     assert table["rows"][3]["xm3600 i2t_r@1"] == first_only["mean"]["i2t_r@1"]
+    # One run, evaluated under two XM3600 protocols: four groups of one, never pooled as seed replicates.
+    assert [(g["label"], g["n"]) for g in table["groups"]] == [
+        ("tinyrun", 1), ("tinyrun (dcp)", 1), ("tinyrun (safetensors) (report)", 1),
+        ("tinyrun (safetensors) (report_b)", 1)]
     page = parse_html(cmp / "compare.html")
-    assert page.tables == 1 and len(page.srcs) == 1
+    assert page.tables == 3 and len(page.srcs) == 1  # seed groups, the (untestable) pair, every checkpoint
     assert "| tinyrun@2 |" in (cmp / "compare.md").read_text()
 
 
