@@ -191,6 +191,14 @@ def _bench_bound(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from sigscale.bench_scale import SECTIONS, render_markdown as render_scale, run_scale_bench
+
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    print(render_scale(run_scale_bench(args.out or "bench_results/scale.json", sections, quick=args.quick)))
+    return 0
+
+
 def _bench_curation(args: argparse.Namespace) -> int:
     from sigscale.curation.bench import render_finalize_markdown, run_curation_bench, run_finalize_bench
 
@@ -223,6 +231,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "memory": _bench_memory,
     "gpu": _bench_gpu,
     "bound": _bench_bound,
+    "scale": _bench_scale,
     "curation": _bench_curation,
     "langid": _bench_langid,
 }
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
     b.add_argument("--strategies",
                    help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
+    b.add_argument("--sections", help="scale: comma-separated real,simulated,train (default all)")
     b.add_argument("--capped", action="store_true",
                    help="train: add the point where open_clip runs out of memory under an RLIMIT_AS cap")
 
