@@ -148,6 +148,15 @@ def _compiled_negative_pass() -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
     return torch.compile(_negative_pass, dynamic=False)
 
 
+def warm_compiled_kernel(rows: int, widths: Sequence[int], dtype: torch.dtype = torch.float32,
+                         device: Optional[torch.device] = None) -> None:
+    """Compile the ``kernel="compiled"`` block pass for (rows, w) blocks now, so that a timed pass does not."""
+    fn = _compiled_negative_pass()
+    with torch.no_grad():  # as inside the ring's forward: grad mode is one of the compiled graph's guards
+        for w in sorted(set(widths)):
+            fn(torch.zeros(rows, w, dtype=dtype, device=device))
+
+
 def sigmoid_block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[Tensor], dy: Optional[Tensor],
                   positives: bool, kernel: str = "eager") -> Tuple[Tensor, Tensor, Tensor]:
     """Loss sum of images xt = t·x against texts y, chunk by chunk; fused analytic gradients into dx, dy.

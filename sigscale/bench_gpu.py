@@ -34,7 +34,7 @@ from open_clip.loss import SigLipLoss
 from sigscale.bench_memory import write_bench_data
 from sigscale.bench_scale import SimulatedRing, simulated_rank_loss
 from sigscale.pretrain.data import make_loader
-from sigscale.pretrain.loss import default_chunk_size
+from sigscale.pretrain.loss import default_chunk_size, warm_compiled_kernel
 from sigscale.pretrain.metrics import PEAK_TFLOPS
 from sigscale.pretrain.sharding import apply_activation_checkpointing
 from sigscale.pretrain.tokenizer import Tokenizer
@@ -73,16 +73,18 @@ def _embeddings(n: int, dim: int, dtype: torch.dtype, device: torch.device, seed
     return torch.nn.functional.normalize(x, dim=-1).to(dtype)
 
 
-def _interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> Dict[str, Dict[str, Any]]:
-    """Median seconds and peak device memory (CUDA) of each fn, one warm-up each, repeats interleaved.
+def _interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                 warmups: Optional[Dict[str, Callable[[], Any]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Median seconds and peak device memory (CUDA) of each fn, repeats interleaved after a warm-up.
 
-    Each round runs every fn once, rotating the order, so load from elsewhere hits them alike.
+    Each round runs every fn once, rotating the order, so load from elsewhere hits them alike. The
+    warm-up is each fn itself, or with ``warmups`` only the ones named there (e.g. a compile).
     """
     out: Dict[str, Dict[str, Any]] = {}
     times: Dict[str, List[float]] = {}
     for name, fn in fns.items():
         try:
-            fn()
+            (fn if warmups is None else warmups.get(name, lambda: None))()
             _sync(device)
             times[name], out[name] = [], {"peak_bytes": None}
         except torch.cuda.OutOfMemoryError as e:
@@ -105,8 +107,12 @@ def _interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, repeat
 
 
 def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: torch.device,
-               repeats: int) -> Dict[str, Any]:
-    """Rank 0's share of the loss at global batch ``batch`` over ``world`` simulated ranks, every impl interleaved."""
+               repeats: int, peer: bool = True, full_warmup: bool = True) -> Dict[str, Any]:
+    """Rank 0's share of the loss at global batch ``batch`` over ``world`` simulated ranks, every impl interleaved.
+
+    ``peer=False`` leaves open_clip out; ``full_warmup=False`` warms up only the compiled kernel, on
+    one block (on a CPU a full pass takes minutes and its first call costs nothing extra).
+    """
     b = batch // world
     ring = SimulatedRing(world, b, dim, seed=1, dtype=dtype, device=device)
     x = _embeddings(b, dim, dtype, device, 0)
@@ -135,10 +141,19 @@ def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: tor
                 g = xt @ yc.T
                 _ = g @ yc, g.T @ xt
 
+    def compile_blocks() -> None:  # every block width the ring meets: its own texts and the two travelling halves
+        warm_compiled_kernel(b, [min(chunk, n - j) for n in {b, (b + 1) // 2, b // 2} - {0} for j in range(0, n, chunk)],
+                             torch.promote_types(dtype, torch.float32), device)
+
     out = {"batch": batch, "world": world, "local": b, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
-           "chunk": chunk, "simulated": True, "repeats": repeats, "timing": "interleaved"}
-    out.update(_interleaved({"sigscale": lambda: ring_step("eager"), "sigscale_compiled": lambda: ring_step("compiled"),
-                             "open_clip": open_clip, "matmul_bound": bound}, device, repeats))
+           "chunk": chunk, "simulated": True, "repeats": repeats, "timing": "interleaved",
+           "warmup": "full pass each" if full_warmup else "compile on one block"}
+    fns = {"sigscale": lambda: ring_step("eager"), "sigscale_compiled": lambda: ring_step("compiled"),
+           "open_clip": open_clip, "matmul_bound": bound}
+    if not peer:
+        del fns["open_clip"]
+        out["open_clip"] = {"error": "not run"}
+    out.update(_interleaved(fns, device, repeats, None if full_warmup else {"sigscale_compiled": compile_blocks}))
     for name in ("sigscale", "sigscale_compiled"):
         if "seconds" in out[name] and "seconds" in out["matmul_bound"]:
             out[f"{name}_over_bound"] = out[name]["seconds"] / out["matmul_bound"]["seconds"]
@@ -239,9 +254,10 @@ def run_gpu_bench(out_json: str | os.PathLike = "bench_results/gpu.json", dry_ru
 
 def run_bound_bench(out_json: str | os.PathLike = "bench_results/bound.json", batches: Sequence[int] = (16384,),
                     world: int = 1, dim: int = 1152, repeats: int = 1) -> Dict[str, Any]:
-    """The loss section alone on the CPU: loss time against its matmul bound, eager and compiled."""
+    """The loss section alone on the CPU: loss time against its matmul bound, eager and compiled (no peer)."""
     t0 = time.perf_counter()
-    loss = [loss_point(b, world, dim, torch.float32, torch.device("cpu"), repeats) for b in batches]
+    loss = [loss_point(b, world, dim, torch.float32, torch.device("cpu"), repeats, peer=False, full_warmup=False)
+            for b in batches]
     results = {"device": f"cpu ({os.cpu_count()} cores)", "peak_bf16_tflops": None, "dry_run": False,
                "seconds": time.perf_counter() - t0, "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "loss": loss, "towers": [], "data": [],

@@ -78,6 +78,7 @@ def test_simulated_rank_equals_real_rank_zero_and_the_dense_loss():
         torch.testing.assert_close(block / B_LOC, half, **TOL)  # sent unscaled; the owner applies 1/b
 
 
+@pytest.mark.multiproc
 def test_scale_quick_measures_real_and_simulated_points_and_renders(tmp_path, capsys):
     out = tmp_path / "scale.json"
     assert main(["bench", "scale", "--quick", "--out", str(out)]) == 0
@@ -85,19 +86,20 @@ def test_scale_quick_measures_real_and_simulated_points_and_renders(tmp_path, ca
     rows: List[Dict] = r["loss"]
     ours = [x for x in rows if x["impl"] == "sigscale"]
     assert [(x["mode"], x["world_size"], x["batch"]) for x in ours] == [
-        ("real (2 gloo processes)", 2, 64), ("real (2 gloo processes)", 2, 128),
-        ("simulated (1 of 2 ranks)", 2, 128), ("simulated (1 of 4 ranks)", 4, 256), ("simulated (1 of 8 ranks)", 8, 512)]
+        ("real (2 gloo processes)", 2, 128), ("simulated (1 of 2 ranks)", 2, 128), ("simulated (1 of 8 ranks)", 8, 512)]
     for x in ours:
         assert x["status"] == "ok" and x["seconds"] > 0 and x["peak_bytes"] > 0
         assert x["rss_peak_bytes"] >= x["rss_before_bytes"] > 0
         assert x["allocator"] == ("jemalloc" if "absent" not in r["machine"]["jemalloc"] else "glibc")
     assert {x["impl"] for x in rows if x["mode"].startswith("real")} == {"sigscale", "open_clip_bidir",
                                                                           "open_clip_gather"}
-    real128, sim128, sim256, sim512 = ours[1:]
+    real128, sim128, sim512 = ours
     # Same shape, same ring buffers: the simulated rank holds what a real one does (the real one also
-    # runs the input check's tiny all_gather); at the same b the memory does not grow with B.
+    # runs the input check's tiny all_gather). 4× the batch at the same b: a W=8 ring holds incoming
+    # texts and gradient hops besides a W=2 one's (+~20% here), but nothing that grows with B (holding
+    # every rank's texts would double it).
     assert abs(sim128["peak_bytes"] - real128["peak_bytes"]) <= 0.05 * real128["peak_bytes"]
-    assert abs(sim512["peak_bytes"] - sim256["peak_bytes"]) <= 0.01 * sim256["peak_bytes"]
+    assert sim512["peak_bytes"] <= 1.3 * sim128["peak_bytes"]
     assert r["train"] == []  # the training section is left out of --quick (bench train --quick covers its runner)
     table = capsys.readouterr().out
     assert table == render_markdown(r) + "\n"
