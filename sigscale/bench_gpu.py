@@ -142,8 +142,8 @@ def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: tor
                 _ = g @ yc, g.T @ xt
 
     def compile_blocks() -> None:  # every block width the ring meets: its own texts and the two travelling halves
-        warm_compiled_kernel(b, [min(chunk, n - j) for n in {b, (b + 1) // 2, b // 2} - {0} for j in range(0, n, chunk)],
-                             torch.promote_types(dtype, torch.float32), device)
+        widths = [min(chunk, n - j) for n in {b, (b + 1) // 2, b // 2} - {0} for j in range(0, n, chunk)]
+        warm_compiled_kernel(b, widths, torch.promote_types(dtype, torch.float32), device)
 
     out = {"batch": batch, "world": world, "local": b, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
            "chunk": chunk, "simulated": True, "repeats": repeats, "timing": "interleaved",

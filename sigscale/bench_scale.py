@@ -149,7 +149,8 @@ def real_point(world: int, batch: int, dim: int, mem_cap: float, gflops: float, 
         if r.get("status") != "ok":
             rows.append(dict(base, status=r["status"], reason=r["reason"]))
             continue
-        m = {"seconds": r["time_median_s"], "peak_bytes": r["peak_bytes_max"], "rss_peak_bytes": r["rss_peak_bytes_max"],
+        m = {"seconds": r["time_median_s"], "peak_bytes": r["peak_bytes_max"],
+             "rss_peak_bytes": r["rss_peak_bytes_max"],
              "rss_before_bytes": r["rss_before_bytes_max"], "allocator": r["allocator"]}
         rows.append(dict(_loss_row(base["mode"], world, batch, world, m, tuple(p["loadavg_1min"])), impl=impl,
                          peak_bytes_per_rank=r["peak_bytes_per_rank"],
@@ -185,7 +186,8 @@ def train_section(work: Path, config: str, nproc: int, batch: int, accum: int, s
         rows.append({"trainer": peer, "world_size": nproc, "global_batch": batch, "accum_steps": accum,
                      "config": config, "steps": steps, "status": r["status"], "images_per_s": r["images_per_s"],
                      "images_per_s_per_step": r["images_per_s_per_step"],
-                     "rss_peak_bytes_per_rank": r["rss_peak_bytes_per_rank"], "vm_peak_bytes_max": r["vm_peak_bytes_max"],
+                     "rss_peak_bytes_per_rank": r["rss_peak_bytes_per_rank"],
+                     "vm_peak_bytes_max": r["vm_peak_bytes_max"],
                      "wall_s": r["wall_s"], "cap_bytes": cap, "loadavg_1min": pair["loadavg_1min"],
                      "error": _error_line(r["log_tail"]) if r["status"] != "ok" else None})
         if peer == "sigscale" and r["status"] == "ok":
@@ -257,9 +259,10 @@ def render_markdown(r: Dict[str, Any]) -> str:
             lines.append(head + f"| – | – | – | – | – | – | – | – | {x['status']}: {x['reason']} |")
             continue
         per_rank = x["seconds"] / x["ranks_run_here"]
+        per_pair_ns = 1e9 * per_rank / (x["batch"] * x["local_batch"])
         lines.append(head + f"| {_mib(x['peak_bytes'])} | {_mib(x['rss_peak_bytes'])} "
                      f"| {_mib(x['rss_peak_bytes'] - x['rss_before_bytes'])} | {x['seconds']:.2f} "
-                     f"| {x['ranks_run_here']} | {per_rank:.2f} | {1e9 * per_rank / (x['batch'] * x['local_batch']):.1f} "
+                     f"| {x['ranks_run_here']} | {per_rank:.2f} | {per_pair_ns:.1f} "
                      f"| {x['loadavg_1min'][0]}–{x['loadavg_1min'][1]} | allocator {x['allocator']} |")
     if r["train"]:
         lines += ["", "| trainer | W | global batch | accumulation | config | steps | status | images/s "
