@@ -28,9 +28,11 @@ from torch.autograd.function import once_differentiable
 
 from sigscale.pretrain.config import LOSS_KERNELS
 
-__all__ = ["sigmoid_loss", "chunked_sigmoid_loss", "sigmoid_block", "softmax_loss", "all_gather_with_grad", "default_chunk_size"]
+__all__ = ["sigmoid_loss", "chunked_sigmoid_loss", "ring_sigmoid_loss", "sigmoid_block", "softmax_loss", "all_gather_with_grad", "default_chunk_size"]
 
 Group = Optional["dist.ProcessGroup"]
+# The ring's transport: posts (tensor, peer, tag) sends and receives, returns works to wait on.
+Exchange = Callable[[Sequence[Tuple[Tensor, int, int]], Sequence[Tuple[Tensor, int, int]]], List]
 
 # Chunk budget: one b×chunk fp32 logit block is at most 2**24 elements (64 MiB), which keeps the
 # per-block matmuls large (fast on CPU and GPU) while memory stays O(b·chunk), never O(b·B).
@@ -146,6 +148,15 @@ def _compiled_negative_pass() -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
     return torch.compile(_negative_pass, dynamic=False)
 
 
+def warm_compiled_kernel(rows: int, widths: Sequence[int], dtype: torch.dtype = torch.float32,
+                         device: Optional[torch.device] = None) -> None:
+    """Compile the ``kernel="compiled"`` block pass for (rows, w) blocks now, so that a timed pass does not."""
+    fn = _compiled_negative_pass()
+    with torch.no_grad():  # as inside the ring's forward: grad mode is one of the compiled graph's guards
+        for w in sorted(set(widths)):
+            fn(torch.zeros(rows, w, dtype=dtype, device=device))
+
+
 def sigmoid_block(xt: Tensor, y: Tensor, bias: Tensor, chunk: int, dx: Optional[Tensor], dy: Optional[Tensor],
                   positives: bool, kernel: str = "eager") -> Tuple[Tensor, Tensor, Tensor]:
     """Loss sum of images xt = t·x against texts y, chunk by chunk; fused analytic gradients into dx, dy.
@@ -193,7 +204,7 @@ class _SigmoidRing(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, group: Group,
+    def forward(ctx, img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, exchange: Exchange,
                 rank: int, world: int, chunk: int, want_grad: bool, kernel: str) -> Tuple[Tensor, Tensor]:
         # Half precision inputs are computed in fp32: bf16 logits at t≈100 would be off by ~0.5.
         cdtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
@@ -213,8 +224,8 @@ class _SigmoidRing(torch.autograd.Function):
         prv = [(rank - 1) % world, (rank + 1) % world]
         held = [txt[lo:hi].contiguous() for _, lo, hi in streams]
         incoming = [torch.empty_like(y) for y in held]
-        text_works = _p2p([(y, nxt[s], 2 * s) for y, (s, _, _) in zip(held, streams)],
-                          [(y, prv[s], 2 * s) for y, (s, _, _) in zip(incoming, streams)], group)
+        text_works = exchange([(y, nxt[s], 2 * s) for y, (s, _, _) in zip(held, streams)],
+                              [(y, prv[s], 2 * s) for y, (s, _, _) in zip(incoming, streams)])
 
         # Own texts first (positives + negatives); the first remote blocks are in flight meanwhile.
         y_own = txt.to(cdtype)
@@ -229,8 +240,8 @@ class _SigmoidRing(torch.autograd.Function):
             text_works = []
             if step < world - 1:
                 incoming = [torch.empty_like(y) for y in held]
-                text_works = _p2p([(y, nxt[s], 2 * s) for y, (s, _, _) in zip(held, streams)],
-                                  [(y, prv[s], 2 * s) for y, (s, _, _) in zip(incoming, streams)], group)
+                text_works = exchange([(y, nxt[s], 2 * s) for y, (s, _, _) in zip(held, streams)],
+                                      [(y, prv[s], 2 * s) for y, (s, _, _) in zip(incoming, streams)])
             contrib = []
             for y_send, _ in zip(held, streams):
                 y = y_send.to(cdtype)
@@ -246,8 +257,8 @@ class _SigmoidRing(torch.autograd.Function):
                     if a is not None:
                         c += a
                 acc_in = [torch.empty_like(c) for c in contrib]
-                acc_works = _p2p([(c, nxt[s], 2 * s + 1) for c, (s, _, _) in zip(contrib, streams)],
-                                 [(a, prv[s], 2 * s + 1) for a, (s, _, _) in zip(acc_in, streams)], group)
+                acc_works = exchange([(c, nxt[s], 2 * s + 1) for c, (s, _, _) in zip(contrib, streams)],
+                                     [(a, prv[s], 2 * s + 1) for a, (s, _, _) in zip(acc_in, streams)])
         if want_grad and streams:
             _wait(acc_works)
             for a, (_, lo, hi) in zip(acc_in, streams):
@@ -334,10 +345,25 @@ def chunked_sigmoid_loss(
     chunk = chunk_size or default_chunk_size(img.shape[0])
     # The forward picks its own precision (fp32 or better); autocast would push the logit matmuls to bf16.
     with torch.autocast(img.device.type, enabled=False):
-        loss, stats = _SigmoidRing.apply(img, txt, logit_scale, logit_bias, group, rank, world, chunk, want_grad, kernel)
+        loss, stats = _SigmoidRing.apply(img, txt, logit_scale, logit_bias, functools.partial(_p2p, group=group),
+                                         rank, world, chunk, want_grad, kernel)
     if not return_stats:
         return loss
     return loss, dict(zip(("pos_logit", "neg_logit", "t", "b"), stats.unbind()))
+
+
+def ring_sigmoid_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, exchange: Exchange,
+                      rank: int, world: int, chunk_size: Optional[int] = None, kernel: str = "eager") -> Tensor:
+    """``chunked_sigmoid_loss``'s ring over a caller's ``exchange`` instead of a process group, unvalidated.
+
+    A benchmark simulates the other ranks of a large ring with it (sigscale.bench_gpu.SimulatedRing):
+    their texts arrive through the same buffers, blocks and gradient hops the real ranks run.
+    """
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
+    with torch.autocast(img.device.type, enabled=False):
+        loss, _ = _SigmoidRing.apply(img, txt, logit_scale, logit_bias, exchange, rank, world,
+                                     chunk_size or default_chunk_size(img.shape[0]), want_grad, kernel)
+    return loss
 
 
 class _AllGather(torch.autograd.Function):

@@ -4,11 +4,11 @@
 
 * **loss**: rank 0 of W = 8 simulated ranks at global batch B, with the eager and the compiled
   (``train.loss_kernel``) elementwise pass. The other ranks' text blocks come
-  from a seeded generator and go through the same per-block code the ring runs
-  (``loss.sigmoid_block``: logits, loss sum and the fused gradient block); no communication is
+  from a seeded generator (``SimulatedRing``) through the ring code the real ranks run
+  (``loss.ring_sigmoid_loss``: buffers, blocks, gradient hops); no communication is
   timed. Beside it open_clip's ``SigLipLoss`` doing the same rank's work (its ``_loss`` per
   neighbour block, autograd), and the bare matrix products the loss cannot avoid (logits, G·y,
-  Gᵀ·x per block) as the compute bound; fp32 and bf16 embeddings.
+  Gᵀ·x per block) as the compute bound; fp32 and bf16 embeddings; all four interleaved.
 * **towers**: the So400M/14 image tower and the So400M/16-i18n text tower, forward + backward in
   bf16 autocast, with and without activation checkpointing: step time, samples/s, TFLOP/s, MFU
   against the device's bf16 peak, peak memory and the largest micro-batch that fits (doubling).
@@ -32,8 +32,9 @@ import torch
 from open_clip.loss import SigLipLoss
 
 from sigscale.bench_memory import write_bench_data
+from sigscale.bench_scale import SimulatedRing, simulated_rank_loss
 from sigscale.pretrain.data import make_loader
-from sigscale.pretrain.loss import default_chunk_size, sigmoid_block
+from sigscale.pretrain.loss import default_chunk_size, warm_compiled_kernel
 from sigscale.pretrain.metrics import PEAK_TFLOPS
 from sigscale.pretrain.sharding import apply_activation_checkpointing
 from sigscale.pretrain.tokenizer import Tokenizer
@@ -72,36 +73,57 @@ def _embeddings(n: int, dim: int, dtype: torch.dtype, device: torch.device, seed
     return torch.nn.functional.normalize(x, dim=-1).to(dtype)
 
 
-def simulated_rank_loss(x: torch.Tensor, texts: List[torch.Tensor], t: torch.Tensor, bias: torch.Tensor,
-                        chunk: int, kernel: str = "eager") -> tuple:
-    """Rank 0's loss share and ∂/∂x (before the 1/b and t factors the ring applies), by the ring's block code.
+def _interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                 warmups: Optional[Dict[str, Callable[[], Any]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Median seconds and peak device memory (CUDA) of each fn, repeats interleaved after a warm-up.
 
-    ``texts[0]`` are the rank's own texts (the positives on the diagonal), the rest the other ranks'.
+    Each round runs every fn once, rotating the order, so load from elsewhere hits them alike. The
+    warm-up is each fn itself, or with ``warmups`` only the ones named there (e.g. a compile).
     """
-    cdtype = torch.promote_types(x.dtype, torch.float32)  # bf16 embeddings are computed in fp32, as in the ring
-    xt, bias = x.to(cdtype) * t.to(cdtype), bias.to(cdtype)
-    dx = torch.zeros_like(xt)
-    loss = xt.new_zeros((), dtype=torch.float64)
-    for r, y in enumerate(texts):
-        y = y.to(cdtype)
-        loss += sigmoid_block(xt, y, bias, chunk, dx, torch.empty_like(y), positives=r == 0, kernel=kernel)[0]
-    return loss / x.shape[0], dx
+    out: Dict[str, Dict[str, Any]] = {}
+    times: Dict[str, List[float]] = {}
+    for name, fn in fns.items():
+        try:
+            (fn if warmups is None else warmups.get(name, lambda: None))()
+            _sync(device)
+            times[name], out[name] = [], {"peak_bytes": None}
+        except torch.cuda.OutOfMemoryError as e:
+            out[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+    names = list(times)
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                out[name]["peak_bytes"] = max(out[name]["peak_bytes"] or 0, torch.cuda.max_memory_allocated(device))
+    for name in names:
+        out[name].update(seconds=statistics.median(times[name]), times=times[name])
+    return out
 
 
 def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: torch.device,
-               repeats: int) -> Dict[str, Any]:
-    """Rank 0's share of the loss at global batch ``batch`` over ``world`` simulated ranks."""
+               repeats: int, peer: bool = True, full_warmup: bool = True) -> Dict[str, Any]:
+    """Rank 0's share of the loss at global batch ``batch`` over ``world`` simulated ranks, every impl interleaved.
+
+    ``peer=False`` leaves open_clip out; ``full_warmup=False`` warms up only the compiled kernel, on
+    one block (on a CPU a full pass takes minutes and its first call costs nothing extra).
+    """
     b = batch // world
+    ring = SimulatedRing(world, b, dim, seed=1, dtype=dtype, device=device)
     x = _embeddings(b, dim, dtype, device, 0)
-    texts = [_embeddings(b, dim, dtype, device, 1 + r) for r in range(world)]  # [0]: rank 0's own texts
+    texts = [ring.texts(r) for r in range(world)]  # [0]: rank 0's own texts; open_clip and the bound hold all
     t, bias = torch.tensor(10.0, device=device), torch.full((1,), -10.0, device=device)
+    log_t = t.log()
     chunk = default_chunk_size(b)
 
-    def sigscale() -> None:
-        simulated_rank_loss(x, texts, t, bias, chunk)
-
-    def sigscale_compiled() -> None:
-        simulated_rank_loss(x, texts, t, bias, chunk, kernel="compiled")
+    def ring_step(kernel: str) -> None:
+        xi, yi = x.detach().requires_grad_(), texts[0].detach().requires_grad_()
+        simulated_rank_loss(xi, yi, log_t, bias, ring, chunk, kernel=kernel).backward()
 
     oc = SigLipLoss(rank=0, world_size=1)
 
@@ -119,15 +141,19 @@ def loss_point(batch: int, world: int, dim: int, dtype: torch.dtype, device: tor
                 g = xt @ yc.T
                 _ = g @ yc, g.T @ xt
 
+    def compile_blocks() -> None:  # every block width the ring meets: its own texts and the two travelling halves
+        widths = [min(chunk, n - j) for n in {b, (b + 1) // 2, b // 2} - {0} for j in range(0, n, chunk)]
+        warm_compiled_kernel(b, widths, torch.promote_types(dtype, torch.float32), device)
+
     out = {"batch": batch, "world": world, "local": b, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
-           "chunk": chunk, "simulated": True}
-    for name, fn in (("sigscale", sigscale), ("sigscale_compiled", sigscale_compiled), ("open_clip", open_clip),
-                     ("matmul_bound", bound)):
-        try:
-            out[name] = _timed(fn, device, repeats)
-        except torch.cuda.OutOfMemoryError as e:
-            out[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-            torch.cuda.empty_cache()
+           "chunk": chunk, "simulated": True, "repeats": repeats, "timing": "interleaved",
+           "warmup": "full pass each" if full_warmup else "compile on one block"}
+    fns = {"sigscale": lambda: ring_step("eager"), "sigscale_compiled": lambda: ring_step("compiled"),
+           "open_clip": open_clip, "matmul_bound": bound}
+    if not peer:
+        del fns["open_clip"]
+        out["open_clip"] = {"error": "not run"}
+    out.update(_interleaved(fns, device, repeats, None if full_warmup else {"sigscale_compiled": compile_blocks}))
     for name in ("sigscale", "sigscale_compiled"):
         if "seconds" in out[name] and "seconds" in out["matmul_bound"]:
             out[f"{name}_over_bound"] = out[name]["seconds"] / out["matmul_bound"]["seconds"]
@@ -228,9 +254,10 @@ def run_gpu_bench(out_json: str | os.PathLike = "bench_results/gpu.json", dry_ru
 
 def run_bound_bench(out_json: str | os.PathLike = "bench_results/bound.json", batches: Sequence[int] = (16384,),
                     world: int = 1, dim: int = 1152, repeats: int = 1) -> Dict[str, Any]:
-    """The loss section alone on the CPU: loss time against its matmul bound, eager and compiled."""
+    """The loss section alone on the CPU: loss time against its matmul bound, eager and compiled (no peer)."""
     t0 = time.perf_counter()
-    loss = [loss_point(b, world, dim, torch.float32, torch.device("cpu"), repeats) for b in batches]
+    loss = [loss_point(b, world, dim, torch.float32, torch.device("cpu"), repeats, peer=False, full_warmup=False)
+            for b in batches]
     results = {"device": f"cpu ({os.cpu_count()} cores)", "peak_bf16_tflops": None, "dry_run": False,
                "seconds": time.perf_counter() - t0, "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "loss": loss, "towers": [], "data": [],

@@ -44,6 +44,38 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> Tuple[Any, int]:
     return result, profiled_peak(prof)
 
 
+def _allocator() -> str:
+    """The malloc this process really runs with (LD_PRELOAD may name a library that is absent)."""
+    return "jemalloc" if "libjemalloc" in Path("/proc/self/maps").read_text() else "glibc"
+
+
+def loss_step(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+              img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> float:
+    """One fwd+bwd of loss ``fn`` on fresh leaves of ``img``/``txt``; the loss value."""
+    i, t = img.detach().requires_grad_(), txt.detach().requires_grad_()
+    loss = fn(i, t, scale, bias)
+    loss.backward()
+    scale.grad = bias.grad = None
+    return float(loss.detach())
+
+
+def measure_step(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> Dict[str, Any]:
+    """One profiled fwd+bwd of loss ``fn``: its loss, seconds, peak live tensor bytes and peak RSS.
+
+    The RSS peak (VmHWM) is reset first, so it is this step's; with glibc it overstates what the
+    step keeps alive (freed buffers stay resident), with jemalloc preloaded much less so.
+    """
+    from sigscale.bench_memory import rss_hwm_bytes
+
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux ≥ 4.0)
+    rss_before = rss_hwm_bytes()
+    t0 = time.perf_counter()
+    loss, peak = peak_tensor_bytes(lambda: loss_step(fn, img, txt, scale, bias))
+    return {"loss": loss, "seconds": time.perf_counter() - t0, "peak_bytes": peak, "rss_before_bytes": rss_before,
+            "rss_peak_bytes": rss_hwm_bytes(), "allocator": _allocator()}
+
+
 def _naive_allgather(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                      logit_bias: torch.Tensor) -> torch.Tensor:
     """Baseline: all_gather texts with gradient, one dense b×B logit matrix per rank."""
@@ -88,25 +120,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str, batch: int, dim: int
         scale = torch.tensor([math.log(10.0)], requires_grad=True)
         bias = torch.tensor([-10.0], requires_grad=True)
         out: Dict[str, Any] = {"threads": torch.get_num_threads()}
-
-        def step(fn: Callable) -> float:
-            i, t = img.detach().requires_grad_(), txt.detach().requires_grad_()
-            loss = fn(i, t, scale, bias)
-            loss.backward()
-            scale.grad = bias.grad = None
-            return float(loss.detach())
-
         fns = {impl: _loss_fn(impl, rank, world, chunk_size) for impl in impls}
         for impl, fn in fns.items():  # the profiled run doubles as warm-up
             dist.barrier()
-            t0 = time.perf_counter()
-            loss, peak = peak_tensor_bytes(lambda: step(fn))
-            out[impl] = {"peak_bytes": peak, "times_s": [], "profiled_run_s": time.perf_counter() - t0, "loss": loss}
+            out[impl] = m = measure_step(fn, img, txt, scale, bias)
+            m["profiled_run_s"], m["times_s"] = m.pop("seconds"), []
         for rep in range(repeats):  # interleave impls, rotating the order, so load from elsewhere hits all alike
             for impl in impls[rep % len(impls):] + impls[:rep % len(impls)]:
                 dist.barrier()
                 t0 = time.perf_counter()
-                step(fns[impl])
+                loss_step(fns[impl], img, txt, scale, bias)
                 dist.barrier()  # the step ends when the slowest rank is done
                 out[impl]["times_s"].append(time.perf_counter() - t0)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -125,7 +148,7 @@ def _launch(world: int, **kwargs: Any) -> List[Dict[str, Any]]:
         return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
 
 
-def _gflops() -> float:
+def matmul_gflops() -> float:
     """Machine matmul throughput (all cores), to predict how long a point takes."""
     x = torch.randn(2048, 1152)
     x @ x.T
@@ -146,11 +169,11 @@ def _est_bytes_per_rank(impl: str, batch: int, world: int, dim: int, chunk_size:
     return 4 * 7 * b * batch
 
 
-def _mem_total() -> int:
+def mem_total() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _bench_point(world: int, batch: int, dim: int, chunk_size: Optional[int], repeats: int, impls: Sequence[str],
+def bench_point(world: int, batch: int, dim: int, chunk_size: Optional[int], repeats: int, impls: Sequence[str],
                  max_seconds: float, mem_cap: float, gflops: float, seed: int) -> Dict[str, Any]:
     """Measure one (W, B) point, or record why it is skipped or failed."""
     point: Dict[str, Any] = {"world_size": world, "batch": batch, "local_batch": batch // world, "dim": dim,
@@ -191,15 +214,21 @@ def _bench_point(world: int, batch: int, dim: int, chunk_size: Optional[int], re
                  loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])
     for impl in runnable:
         per_rank = [r[impl] for r in ranks]
-        # Timings are between barriers, so every rank saw the same step times; take rank 0's.
+        # Timings are between barriers, so every rank saw the same step times; take rank 0's. Without
+        # timed repeats, the profiled run's time: from a barrier to the slowest rank's end.
+        times = per_rank[0]["times_s"]
         point["impls"][impl] = {
             "status": "ok",
-            "time_median_s": statistics.median(per_rank[0]["times_s"]),
+            "time_median_s": statistics.median(times) if times else max(r["profiled_run_s"] for r in per_rank),
             "times_s": per_rank[0]["times_s"],
             "profiled_run_s": max(r["profiled_run_s"] for r in per_rank),
             "peak_bytes_max": max(r["peak_bytes"] for r in per_rank),
             "peak_bytes_per_rank": [r["peak_bytes"] for r in per_rank],
             "loss_mean": statistics.fmean(r["loss"] for r in per_rank),
+            "rss_peak_bytes_max": max(r["rss_peak_bytes"] for r in per_rank),
+            "rss_peak_bytes_per_rank": [r["rss_peak_bytes"] for r in per_rank],
+            "rss_before_bytes_max": max(r["rss_before_bytes"] for r in per_rank),
+            "allocator": per_rank[0]["allocator"],
         }
     point["impls"] = {impl: point["impls"][impl] for impl in impls}  # table rows in the order asked for
     return point
@@ -231,8 +260,8 @@ def run_loss_bench(
     for impl in impls:
         if impl not in IMPLS + EXTRA_IMPLS:
             raise ValueError(f"unknown loss implementation {impl!r}; choose from {IMPLS + EXTRA_IMPLS}")
-    mem_cap = (max_memory_gib * 2**30) if max_memory_gib else 0.6 * _mem_total()
-    gflops = _gflops()
+    mem_cap = (max_memory_gib * 2**30) if max_memory_gib else 0.6 * mem_total()
+    gflops = matmul_gflops()
     points: List[Dict[str, Any]] = []
     results = {
         "config": {"world_sizes": list(world_sizes), "batch_sizes": list(batch_sizes), "dim": dim,
@@ -247,7 +276,7 @@ def run_loss_bench(
     out.parent.mkdir(parents=True, exist_ok=True)
     for world in world_sizes:
         for batch in batch_sizes:
-            points.append(_bench_point(world, batch, dim, chunk_size, repeats, impls, max_seconds, mem_cap, gflops,
+            points.append(bench_point(world, batch, dim, chunk_size, repeats, impls, max_seconds, mem_cap, gflops,
                                        seed))
             out.write_text(json.dumps(results, indent=2))  # after every point: a long run keeps what it measured
     return results

@@ -197,6 +197,14 @@ def _bench_bound(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from sigscale.bench_scale import SECTIONS, render_markdown as render_scale, run_scale_bench
+
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    print(render_scale(run_scale_bench(args.out or "bench_results/scale.json", sections, quick=args.quick)))
+    return 0
+
+
 def _bench_curation(args: argparse.Namespace) -> int:
     from sigscale.curation.bench import (render_curation_markdown, render_finalize_markdown, run_curation_bench,
                                          run_finalize_bench)
@@ -251,6 +259,7 @@ BENCHES: Dict[str, Callable[[argparse.Namespace], int]] = {
     "memory": _bench_memory,
     "gpu": _bench_gpu,
     "bound": _bench_bound,
+    "scale": _bench_scale,
     "curation": _bench_curation,
     "langid": _bench_langid,
     "ablation": _bench_ablation,
@@ -290,6 +299,7 @@ def _bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--losses", help="ablation: comma-separated train.loss values (default sigmoid,softmax)")
     b.add_argument("--seeds", help="ablation: comma-separated train.seed values (default 0,1,2)")
     b.add_argument("--nproc", type=int, help="ablation: training processes per run (default 2, as the demo)")
+    b.add_argument("--sections", help="scale: comma-separated real,simulated,train (default all)")
     b.add_argument("--check", action="store_true",
                    help="memory: the planner's predicted peak against the engine's on shapes outside its calibration")
     b.add_argument("--capped", action="store_true",
