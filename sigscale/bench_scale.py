@@ -158,13 +158,6 @@ def real_point(world: int, batch: int, dim: int, mem_cap: float, gflops: float, 
     return rows
 
 
-def _error_line(text: str) -> str:
-    """The line of a failed run's log that names the error (the last one mentioning an error or memory)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    hits = [ln for ln in lines if "rror" in ln or "memory" in ln.lower()]
-    return (hits or lines or ["(no output)"])[-1][:300]
-
-
 def train_section(work: Path, config: str, nproc: int, batch: int, accum: int, steps: int) -> List[Dict[str, Any]]:
     """sigscale uncapped, then open_clip_train capped at sigscale's virtual-memory peak + 1 GiB, at one batch.
 
@@ -189,7 +182,7 @@ def train_section(work: Path, config: str, nproc: int, batch: int, accum: int, s
                      "rss_peak_bytes_per_rank": r["rss_peak_bytes_per_rank"],
                      "vm_peak_bytes_max": r["vm_peak_bytes_max"],
                      "wall_s": r["wall_s"], "cap_bytes": cap, "loadavg_1min": pair["loadavg_1min"],
-                     "error": _error_line(r["log_tail"]) if r["status"] != "ok" else None})
+                     "error": r["error_line"] if r["status"] != "ok" else None})
         if peer == "sigscale" and r["status"] == "ok":
             cap = r["vm_peak_bytes_max"] + 2**30
         elif peer == "sigscale":  # without sigscale's peak there is no cap: do not let the peer take the machine
@@ -245,11 +238,13 @@ def render_markdown(r: Dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"`{r['command']}`, {r['date']}: d = {r['dim']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, torch "
              f"{m['torch']}, jemalloc: {m['jemalloc']}.",
-             "Live tensors: peak of torch-profiler allocation/free events in one fwd+bwd. RSS: VmHWM reset before "
-             "the step. Time: that one profiled fwd+bwd, from a barrier to the slowest rank's end. A rank's work "
-             "is 6·b·B·d flops; the real ranks share the CPUs, so per rank = time ÷ ranks run here.", ""]
+             ""]
     if r["loss"]:
-        lines += ["| mode | W | B | b/rank | impl | peak live tensors / rank (MiB) | peak RSS / rank (MiB) "
+        lines += ["Live tensors: peak of torch-profiler allocation/free events in one fwd+bwd. RSS: VmHWM reset "
+                  "before the step. Time: that one profiled fwd+bwd, from a barrier to the slowest rank's end. A "
+                  "rank's work is 6·b·B·d flops; the real ranks share the CPUs, so per rank = time ÷ ranks run here.",
+                  "",
+                  "| mode | W | B | b/rank | impl | peak live tensors / rank (MiB) | peak RSS / rank (MiB) "
                   "| RSS rise in the step (MiB) | time (s) | ranks run here | s per rank | ns per rank per B·b "
                   "| load (1 min) | note |",
                   "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -265,7 +260,11 @@ def render_markdown(r: Dict[str, Any]) -> str:
                      f"| {x['ranks_run_here']} | {per_rank:.2f} | {per_pair_ns:.1f} "
                      f"| {x['loadavg_1min'][0]}–{x['loadavg_1min'][1]} | allocator {x['allocator']} |")
     if r["train"]:
-        lines += ["", "| trainer | W | global batch | accumulation | config | steps | status | images/s "
+        lines += ["" if r["loss"] else None, "Training: `sigscale train` (embedding-cache accumulation) and open_clip_train at the same global "
+                  "batch, same towers and shards; images/s from each trainer's own step log; peak RSS per rank "
+                  "(VmHWM) with jemalloc; open_clip capped at sigscale's virtual-memory peak + 1 GiB per process.",
+                  "",
+                  "| trainer | W | global batch | accumulation | config | steps | status | images/s "
                   "| peak RSS / rank (MiB) | cap per process | load (1 min) | note |",
                   "|---|---:|---:|---:|---|---:|---|---:|---|---|---:|---|"]
         for x in r["train"]:
@@ -275,4 +274,4 @@ def render_markdown(r: Dict[str, Any]) -> str:
             lines.append(f"| {x['trainer']} | {x['world_size']} | {x['global_batch']} | {x['accum_steps']} "
                          f"| {x['config']} | {x['steps']} | {x['status']} | {rate} | {rss} | {cap} "
                          f"| {x['loadavg_1min']} | {x['error'] or ''} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(ln for ln in lines if ln is not None) + "\n"

@@ -40,6 +40,22 @@ OOM_MARKERS = ("can't allocate memory", "Cannot allocate memory", "MemoryError",
 QUICK = dict(config="tiny", world=2, batch=32, steps=3, repeats=1, capped=False, samples=256)
 
 
+def error_line(text: str) -> str:
+    """The line of a failed run's log that names the error.
+
+    A rank's own exception ("RuntimeError: ... can't allocate memory ...") wins over what torchrun
+    adds after it, which also says "error" (ChildFailedError, "To enable traceback see: .../errors.html").
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+             and "To enable traceback" not in ln and "ChildFailedError" not in ln]
+    for pattern in (r"can't allocate memory|Cannot allocate memory|MemoryError|Killed",
+                    r"\b\w*(Error|Exception)\b:", r"rror|memory"):
+        hits = [ln for ln in lines if re.search(pattern, ln, re.I if pattern == r"rror|memory" else 0)]
+        if hits:
+            return hits[-1][:300]
+    return (lines or ["(no output)"])[-1][:300]
+
+
 def write_open_clip_model(out: Path, config: str, tokenizer_model: Path) -> str:
     """An open_clip ``local-dir:`` model with our towers' shapes and our tokenizer; returns its name."""
     from transformers import SiglipTokenizer
@@ -196,7 +212,8 @@ def run_job(cmd: Sequence[str], log_path: Path, cap_bytes: Optional[int] = None,
             "rss_peak_bytes_per_rank": [hwm[r] * 1024 for r in sorted(hwm)],
             "vm_peak_bytes_max": max(vm.values(), default=0) * 1024,
             "oom": rc != 0 and any(m in text for m in OOM_MARKERS), "log_tail": text[-1500:] if rc else "",
-            "error_marker": next((m for m in OOM_MARKERS if m in text), None) if rc else None}
+            "error_marker": next((m for m in OOM_MARKERS if m in text), None) if rc else None,
+            "error_line": error_line(text) if rc else None}
 
 
 def sigscale_throughput(run_dir: Path) -> List[float]:

@@ -110,3 +110,18 @@ def test_scale_rejects_an_unknown_section_in_one_line(capsys):
     assert main(["bench", "scale", "--sections", "real,gpu", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown section(s) ['gpu']" in err and "real" in err
+
+
+def test_a_failed_trainer_is_named_by_its_exception_not_by_torchruns_trailer():
+    """torchrun ends every failed run with a line that says "errors.html": the table must show the cause."""
+    from sigscale.bench_train import error_line as _error_line
+
+    log = ("Traceback (most recent call last):\n  File \"loss.py\", line 9, in forward\n"
+           "RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+           "you tried to allocate 4294967296 bytes.\n"
+           "E1128 torch.distributed.elastic.multiprocessing.api: failed (exitcode: 1)\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+           "traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n")
+    assert _error_line(log).startswith("RuntimeError: [enforce fail at alloc_cpu.cpp:117]")
+    assert "can't allocate memory" in _error_line(log)
+    assert _error_line("") == "(no output)"
