@@ -260,7 +260,9 @@ def render_markdown(r: Dict[str, Any]) -> str:
                      f"| {x['ranks_run_here']} | {per_rank:.2f} | {per_pair_ns:.1f} "
                      f"| {x['loadavg_1min'][0]}–{x['loadavg_1min'][1]} | allocator {x['allocator']} |")
     if r["train"]:
-        lines += ["" if r["loss"] else None, "Training: `sigscale train` (embedding-cache accumulation) and open_clip_train at the same global "
+        if r["loss"]:
+            lines.append("")  # the loss table ends here; the header's blank line already precedes a lone train table
+        lines += ["Training: `sigscale train` (embedding-cache accumulation) and open_clip_train at the same global "
                   "batch, same towers and shards; images/s from each trainer's own step log; peak RSS per rank "
                   "(VmHWM) with jemalloc; open_clip capped at sigscale's virtual-memory peak + 1 GiB per process.",
                   "",
@@ -274,4 +276,4 @@ def render_markdown(r: Dict[str, Any]) -> str:
             lines.append(f"| {x['trainer']} | {x['world_size']} | {x['global_batch']} | {x['accum_steps']} "
                          f"| {x['config']} | {x['steps']} | {x['status']} | {rate} | {rss} | {cap} "
                          f"| {x['loadavg_1min']} | {x['error'] or ''} |")
-    return "\n".join(ln for ln in lines if ln is not None) + "\n"
+    return "\n".join(lines) + "\n"
