@@ -2,7 +2,8 @@
 
 ``run_curation_bench`` curates a generated list served by :mod:`sigscale.curation.serve` with the
 demo config and reads the timings the pipeline records in stats.json (img2dataset's worker
-start-up included). ``run_finalize_bench`` runs the partitioned near-duplicate steps
+start-up included). ``run_finalize_bench`` runs the exact (url, caption) dedup per key partition on
+128-bit pair keys with planted exact copies, the partitioned near-duplicate steps
 (:mod:`sigscale.curation.partitions`) on metadata-only candidates with planted near-duplicates,
 then the language balance's count and decide steps per part (cap mode over 20 Zipf-distributed
 language labels), each task in a fresh process, and reports every task's peak RSS, rows/s, the
@@ -30,6 +31,7 @@ from sigscale.curation.balance import target_counts
 from sigscale.curation.config import BalanceConfig
 from sigscale.curation.image_filters import THUMB
 from sigscale.curation.partitions import band_layout, partition_drops, scatter
+from sigscale.curation.text_filters import later_copies
 
 THUMB_BYTES = THUMB * THUMB * 3
 THUMB_MAX_DIFF = 3.0
@@ -179,6 +181,58 @@ def planted_candidates(start: int, n: int, near_fraction: float, seed: int,
     return frame, copies
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele et al. 2014): a bijection of uint64 that spreads every input bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(k1, k2, copy mask) of rows [start, start + n): a copy repeats the pair keys of an original at a smaller
+    row anywhere in the list (not only in its own part), so exactly the copies are later copies of a pair."""
+    rows = np.arange(start, start + n, dtype=np.uint64)
+    salt = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+
+    def uniform(r: np.ndarray, stream: int) -> np.ndarray:
+        return (_mix64(r ^ salt ^ np.uint64(stream << 56)) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
+    is_copy = lambda r: (uniform(r, 1) < fraction) & (r > 0)  # noqa: E731 (a row's fate depends on the row alone)
+    identity = rows.copy()
+    todo = np.flatnonzero(is_copy(rows))
+    for attempt in range(8):  # a uniformly drawn earlier row that is itself an original
+        source = (uniform(rows[todo], 2 + attempt) * rows[todo].astype(np.float64)).astype(np.uint64)
+        ok = ~is_copy(source)
+        identity[todo[ok]] = source[ok]
+        todo = todo[~ok]
+    copy = identity != rows  # the few rows with no original found in 8 draws stay originals
+    return _mix64(identity ^ salt), _mix64(identity ^ salt ^ np.uint64(0xD1B54A32D192ED03)), copy
+
+
+def _keys_task(folder: str, writer: int, start: int, n: int, partitions: int, fraction: float, seed: int) -> dict:
+    """The plan's share of one part: its rows' pair keys, one file per key partition (k1 mod P, as the plan)."""
+    t0 = time.perf_counter()
+    k1, k2, _ = planted_pair_keys(start, n, fraction, seed)
+    rows = np.arange(start, start + n, dtype=np.int64)
+    bucket = k1 % np.uint64(partitions)
+    for k in range(partitions):
+        mine = bucket == k
+        pd.DataFrame({"row": rows[mine], "k1": k1[mine], "k2": k2[mine]}).to_parquet(
+            Path(folder) / "keys" / f"p{k:05d}-w{writer:05d}.parquet", index=False)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _dedup_task(folder: str, k: int) -> dict:
+    """One key partition: the later copies among its keys (the pipeline's later_copies), written to exact/."""
+    t0 = time.perf_counter()
+    keys = pd.concat([pd.read_parquet(p) for p in sorted((Path(folder) / "keys").glob(f"p{k:05d}-*.parquet"))])
+    rows = keys["row"].to_numpy(np.int64)
+    later = later_copies(rows, keys["k1"].to_numpy(np.uint64), keys["k2"].to_numpy(np.uint64))
+    pd.DataFrame({"row": rows[later]}).to_parquet(Path(folder) / "exact" / f"p{k:05d}.parquet", index=False)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "rows": len(rows)}
+
+
 def _peak_rss_mib() -> float:
     """This process's peak resident set (ru_maxrss, KiB on Linux) in MiB: glibc malloc, freed memory included."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -242,8 +296,10 @@ def _step(results: List[dict], wall: float, rows: int) -> dict:
 
 def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100_000,
                        copies_per_partition: int = 1_000_000, near_fraction: float = 0.05, workers: int = 2,
-                       seed: int = 0) -> dict:
-    """Partitioned near-duplicate finalize over ``rows`` synthetic candidates: per-task peak RSS, rows/s, recall."""
+                       seed: int = 0, rows_per_dedup_partition: int = 2_000_000, exact_fraction: float = 0.05) -> dict:
+    """Partitioned exact dedup and near-duplicate finalize over ``rows`` synthetic rows: per-task peak RSS, rows/s,
+    planted copies caught and false drops."""
+    exact = _run_exact_dedup(rows, rows_per_writer, rows_per_dedup_partition, exact_fraction, workers, seed)
     bands = len(band_layout(threshold))
     partitions = max(1, math.ceil(rows * bands / copies_per_partition))  # P grows with N: fixed copies per task
     chunks = [(w, start, min(rows_per_writer, rows - start)) for w, start in enumerate(range(0, rows, rows_per_writer))]
@@ -265,7 +321,7 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
     languages = Counter(lang for _, s, n in chunks for lang in synthetic_languages(s, n, seed).tolist())
     planted = np.concatenate([planted_rows(s, n, near_fraction, seed)[0] for _, s, n in chunks])
     dropped = np.unique(dropped.to_numpy(np.int64))
-    return {"rows": rows, "phash_threshold": threshold, "bands": bands, "partitions": partitions,
+    return {"rows": rows, "exact": exact, "phash_threshold": threshold, "bands": bands, "partitions": partitions,
             "writers": len(chunks), "workers": workers, "cpus": os.cpu_count(),
             "copies_per_partition": round(sum(r["copies"] for r in scattered) / partitions),
             "scatter": _step(scattered, t1 - t0, rows), "near": _step(near, t2 - t1, rows),
@@ -276,6 +332,28 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
             "caught": int(np.isin(planted, dropped).sum()), "false_drops": int((~np.isin(dropped, planted)).sum())}
 
 
+def _run_exact_dedup(rows: int, rows_per_writer: int, rows_per_partition: int, fraction: float, workers: int,
+                     seed: int) -> dict:
+    partitions = max(1, math.ceil(rows / rows_per_partition))
+    chunks = [(w, start, min(rows_per_writer, rows - start)) for w, start in enumerate(range(0, rows, rows_per_writer))]
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    with tempfile.TemporaryDirectory() as tmp, pool:
+        (Path(tmp) / "keys").mkdir()
+        (Path(tmp) / "exact").mkdir()
+        t0 = time.perf_counter()
+        written = list(pool.map(_keys_task, *zip(*[(tmp, w, s, n, partitions, fraction, seed) for w, s, n in chunks])))
+        t1 = time.perf_counter()
+        deduped = list(pool.map(_dedup_task, [tmp] * partitions, range(partitions)))
+        t2 = time.perf_counter()
+        dropped = np.concatenate([pd.read_parquet(p)["row"].to_numpy(np.int64)
+                                  for p in sorted((Path(tmp) / "exact").glob("*.parquet"))])
+    planted = np.concatenate([np.arange(s, s + n)[planted_pair_keys(s, n, fraction, seed)[2]] for _, s, n in chunks])
+    return {"partitions": partitions, "rows_per_partition_max": max(r["rows"] for r in deduped),
+            "keys": _step(written, t1 - t0, rows), "dedup": _step(deduped, t2 - t1, rows),
+            "planted": len(planted), "caught": int(np.isin(planted, dropped).sum()),
+            "false_drops": int((~np.isin(dropped, planted)).sum())}
+
+
 def _rate(r: dict) -> float:
     seconds = r["balance_count"]["wall_seconds"] + r["balance_decide"]["wall_seconds"]
     return round(r["rows"] / max(seconds, 1e-9), 1)
@@ -283,7 +361,16 @@ def _rate(r: dict) -> float:
 
 def render_finalize_markdown(results: List[dict], command: str) -> str:
     """The BENCHMARKS.md table of :func:`run_finalize_bench` results, with the command that made it."""
-    lines = [f"`{command}`", "",
+    lines = [f"`{command}`", "", "Exact (url, caption) dedup on 128-bit pair keys, one task per key partition:", "",
+             "| rows | key partitions | rows / partition (max) | peak RSS / key-writing task (MiB, max) "
+             "| peak RSS / dedup task (MiB, max) | dedup rows/s | planted copies caught | false drops |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        e = r["exact"]
+        lines.append(f"| {r['rows']:,} | {e['partitions']} | {e['rows_per_partition_max']:,} "
+                     f"| {e['keys']['peak_rss_mib_max']} | {e['dedup']['peak_rss_mib_max']} "
+                     f"| {e['dedup']['rows_per_second']:,} | {e['caught']:,} / {e['planted']:,} | {e['false_drops']} |")
+    lines += ["", "Near-duplicates by pHash band, then the language balance per part:", "",
              "| rows | pHash h | bands | partitions | scatter tasks | peak RSS / scatter task (MiB, max) "
              "| peak RSS / near task (MiB, max) | scatter rows/s | near rows/s | end-to-end rows/s "
              "| planted caught | false drops | peak RSS / balance count task (MiB, max) "

@@ -12,11 +12,16 @@ FINALIZE_STEPS = ("prepare", "scatter", "near", "score", "count", "decide", "wri
 def cmd_curate(args: argparse.Namespace) -> int:
     from sigscale.curation.config import load_curation_config
     from sigscale.curation.finalize import ASSEMBLE_FUNCTIONS, curate, finalize
-    from sigscale.curation.pipeline import near_partition, plan_parts, prepare_finalize, run_part, scatter_part
+    from sigscale.curation.pipeline import (dedup_partition, near_partition, plan_parts, prepare_finalize, run_part,
+                                            scatter_part)
 
     cfg = load_curation_config(args.config, args.overrides)
     if args.plan:
         print(f"{len(plan_parts(cfg))} part(s) planned in {cfg.work_dir}")
+        return 0
+    if args.dedup is not None:
+        plan_parts(cfg, dedup=False)
+        print(f"exact duplicates of partition {args.dedup}: {dedup_partition(cfg, args.dedup)}")
         return 0
     if args.part is not None:
         parts = plan_parts(cfg)
@@ -42,7 +47,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
             "(e.g. --config curation/default input.path=urls.parquet output.dir=curated)", config=True,
             what="curation YAML", example="text.min_confidence=0.3")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--plan", action="store_true", help="only split the URL list into parts")
+    mode.add_argument("--plan", action="store_true",
+                      help="only split the URL list into parts and find its exact (url, caption) duplicates")
+    mode.add_argument("--dedup", type=int, metavar="K",
+                      help="find the exact duplicates of key partition K only (one Slurm array task; "
+                      "output.dedup_partitions of them), after --plan")
     mode.add_argument("--part", type=int, help="run only this part (one Slurm array task); skips it when done")
     mode.add_argument("--finalize", action="store_true", help="only merge the finished parts into shards")
     mode.add_argument("--finalize-step", choices=FINALIZE_STEPS,

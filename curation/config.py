@@ -127,6 +127,12 @@ class OutputConfig:
     corpus: bool = True  # write captions.txt for tokenizer training
     plots: bool = True
     keep_downloads: bool = False  # keep all of img2dataset's output in each part (its tars always stay: the images)
+    # Partitions of the exact (url, caption) dedup (one task each, ~24 bytes of keys per URL-list row in memory):
+    # raise it with the list, e.g. one per 50M rows.
+    dedup_partitions: int = 1
+    # Processes running the tasks of one dedup or finalize step when `sigscale curate` runs them here
+    # (`submit curate` runs each step as a Slurm array instead).
+    local_processes: int = 1
     finalize_partitions: int = 1  # pHash-band partitions of the near-duplicate/decontamination step (one task each)
 
 
@@ -224,7 +230,7 @@ def validate(cfg: CurationConfig) -> None:
         raise ConfigError(f"balance.temperature={b.temperature} must be positive")
     if b.mode == "metadata":
         _validate_metadata(b)
-    for key in ("samples_per_shard", "rows_per_part", "finalize_partitions"):
+    for key in ("samples_per_shard", "rows_per_part", "dedup_partitions", "local_processes", "finalize_partitions"):
         if getattr(o, key) <= 0:
             raise ConfigError(f"output.{key}={getattr(o, key)} must be positive")
 

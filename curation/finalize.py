@@ -1,7 +1,8 @@
 """Finalize in steps that each hold one download part: score cut, balance, shards, then a small merge.
 
 After the partitioned near-duplicate search (:mod:`sigscale.curation.pipeline`: prepare, scatter,
-near) every step below runs once per download part (a Slurm array task, or in turn here):
+near) every step below runs once per download part (a Slurm array task, or here, in turn or over
+``output.local_processes`` processes):
 
 - ``score``: the part's rows left after near/eval duplicates and ``image.score.min_score``; with
   ``image.score.top_fraction`` it writes their sorted score keys.
@@ -48,8 +49,8 @@ from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE
 from sigscale.curation.pipeline import (BALANCE, DONE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE,
                                         OUTCOMES, PLAN, SAMPLES, SAMPLES_PER_REASON, Part, _finished_parts, _flat,
                                         _part_dir, _prepared, _sum_counts, _task_index, _write_json, near_partition,
-                                        plan_parts, prepare_finalize, reasons_by_language, run_part, scatter_part,
-                                        short_side_histogram)
+                                        plan_parts, prepare_finalize, reasons_by_language, run_part, run_tasks,
+                                        scatter_part, short_side_histogram)
 from sigscale.curation.report import write_report
 from sigscale.curation.text_filters import merge_language_outcomes
 
@@ -309,22 +310,16 @@ ASSEMBLE_FUNCTIONS = {"score": score_part, "count": count_part, "decide": decide
 
 
 def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> None:
-    """Run here, one task after another, every partitioned step not yet done (a done step is skipped)."""
-    progress = Progress("curate: finalize", 1 + len(parts) * (1 + len(ASSEMBLE_STEPS)) + cfg.output.finalize_partitions,
+    """Run here every partitioned step not yet done (a done task is skipped), step after step; the tasks of
+    one step over ``output.local_processes`` processes."""
+    steps = [[(prepare_finalize, (cfg,))], [(scatter_part, (cfg, p.index)) for p in parts],
+             [(near_partition, (cfg, k)) for k in range(cfg.output.finalize_partitions)],
+             *([(ASSEMBLE_FUNCTIONS[step], (cfg, p.index)) for p in parts] for step in ASSEMBLE_STEPS)]
+    progress = Progress("curate: finalize", sum(len(s) for s in steps),
                         "steps done (prepare, scatter per part, near per partition, then score/count/decide/write "
                         "per part)")
-    prepare_finalize(cfg)
-    progress.update()
-    for part in parts:
-        scatter_part(cfg, part.index)
-        progress.update()
-    for k in range(cfg.output.finalize_partitions):
-        near_partition(cfg, k)
-        progress.update()
-    for step in ASSEMBLE_STEPS:
-        for part in parts:
-            ASSEMBLE_FUNCTIONS[step](cfg, part.index)
-            progress.update()
+    for calls in steps:
+        run_tasks(calls, cfg.output.local_processes, progress.update)
     progress.close()
 
 
@@ -450,8 +445,8 @@ _FUNNEL = (("download (img2dataset)", "download"), ("image checks", "image"))
 def _funnel(n: int, plan: dict, done: List[dict], final: Counter) -> List[list]:
     """[[step, rows left after it], ...] from the input rows to the kept ones."""
     plan_dropped = sum(sum(v.values()) for v in plan.get("dropped_by_language", {}).values())
-    steps = [["input rows", n], ["plan: normalise, exact duplicates", n - plan_dropped]]
-    for label, stage in (("text filters", "text"), *_FUNNEL):
+    steps = [["input rows", n], ["plan: invalid URLs, empty captions", n - plan_dropped]]
+    for label, stage in (("exact (url, caption) duplicates", "exact"), ("text filters", "text"), *_FUNNEL):
         steps.append([label, steps[-1][1] - sum(sum(d.get("dropped_by_stage", {}).get(stage, {}).values())
                                                 for d in done)])
     merge = sum(final[r] for r in (EVAL_DUPLICATE, NEAR_DUPLICATE, LOW_SCORE))

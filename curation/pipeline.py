@@ -1,8 +1,11 @@
 """Curation in parts: plan, run each part (locally or one per Slurm array task), finalize.
 
-``plan_parts`` reads the URL list once, normalises captions, drops exact (url, caption) duplicates
-over the whole list and cuts the rest into parts of ``output.rows_per_part`` input rows.
-``run_part`` takes one part through the text stage, img2dataset and the image checks into
+``plan_parts`` reads the URL list once, batch by batch, normalises captions, drops invalid URLs and
+empty captions, cuts the rest into parts of ``output.rows_per_part`` input rows, and writes a 128-bit
+key of each (url, caption) into one of ``output.dedup_partitions`` partitions by key.
+``dedup_partition`` (one task per partition) marks every copy of a pair but its smallest row: the
+same rows whatever the partition count, since equal pairs share a partition. ``run_part`` drops its
+rows marked so and takes the rest through the text stage, img2dataset and the image checks into
 ``work/parts/part-NNNNN/`` and marks it done; a rerun skips it. A part keeps img2dataset's tars
 (download/shards/, the only copy of its images) and candidates.parquet (metadata, pHash, thumbnail,
 and where each image is in the tars). The finalize steps here (prepare, scatter per part, near per
@@ -10,7 +13,7 @@ partition) find eval and near duplicates; :mod:`sigscale.curation.finalize` runs
 and merges. Every input row ends kept or with one counted drop reason.
 
 Layout under ``output.dir``: shard-NNNNN.tar, manifest.json, stats.json, captions.txt, report.md, report.html,
-plots, and work/ (plan.json, inputs/, parts/).
+plots, and work/ (plan.json, plan_drops.parquet, inputs/, dedup/, parts/).
 """
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sigscale.core.config import config_hash
 from sigscale.curation.balance import BALANCE_REASONS
@@ -32,9 +39,9 @@ from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
 from sigscale.curation.partitions import PARTITION_REASONS, partition_drops, scatter
-from sigscale.curation.sources import list_files, read_url_list
-from sigscale.curation.text_filters import (TEXT_REASONS, cleaned_counts, filter_text, language_outcomes,
-                                           normalize_and_dedup)
+from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_url_list, list_files
+from sigscale.curation.text_filters import (CLEANED, DUPLICATE_URL_CAPTION, TEXT_REASONS, cleaned_counts, filter_text,
+                                           language_outcomes, later_copies, normalize_rows, pair_keys)
 from sigscale.curation.url_policy import UrlPolicy
 
 PLAN = "plan.json"
@@ -48,6 +55,9 @@ LOW_SCORE, BALANCE = "low_score", "balance"
 FINALIZE_REASONS = (*PARTITION_REASONS, LOW_SCORE, BALANCE)
 # A URL reason can come from the text stage or, at fetch time, from the download: listed once.
 DROP_REASONS = tuple(dict.fromkeys(TEXT_REASONS + DOWNLOAD_REASONS + IMAGE_REASONS + FINALIZE_REASONS + BALANCE_REASONS))
+# Exact (url, caption) duplicates, partitioned by pair key: keys-NNNNN.parquet from the plan, drops-NNNNN.parquet.
+DEDUP_DIR = "dedup"
+_DROPS = pa.schema([("row", pa.int64()), ("reason", pa.string())])
 # The partitioned finalize's work folder: settings.json, eval.parquet, bands/pNNNNN/, scattered/, drops/.
 FINALIZE_DIR = "finalize"
 # A candidate's columns; "shard" and "key" name its image in img2dataset's tars (download/shards/).
@@ -78,7 +88,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _fingerprint(cfg: CurationConfig) -> dict:
 
     files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in list_files(cfg.input)]
-    return {"files": files, "input": asdict(cfg.input), "rows_per_part": cfg.output.rows_per_part}
+    return {"files": files, "input": asdict(cfg.input), "rows_per_part": cfg.output.rows_per_part,
+            "dedup_partitions": cfg.output.dedup_partitions}
 
 
 def _parts_from(plan: dict) -> List[Part]:
@@ -89,17 +100,20 @@ def _part_dir(cfg: CurationConfig, part: Part) -> Path:
     return cfg.work_dir / "parts" / part.name
 
 
-def plan_parts(cfg: CurationConfig) -> List[Part]:
-    """Split the URL list into parts (reusing an existing plan of the same input); see module doc."""
+def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
+    """Split the URL list into parts (reusing an existing plan of the same input); see module doc.
 
-
+    Reads the list batch by batch and holds one batch and the parts it is filling, whatever the list's
+    size. ``dedup`` also runs the exact-duplicate partitions here, one after another (`sigscale submit
+    curate` runs them as an array instead).
+    """
     work = cfg.work_dir
     plan_path = work / PLAN
     fingerprint = _fingerprint(cfg)
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         if plan["fingerprint"] == fingerprint:
-            return _parts_from(plan)
+            return _planned(cfg, plan, dedup)
         done = [p.name for p in _parts_from(plan) if (_part_dir(cfg, p) / DONE).is_file()]
         if done:
             raise CurationError(
@@ -107,35 +121,133 @@ def plan_parts(cfg: CurationConfig) -> List[Part]:
                 f"(input.path={cfg.input.path}); use a new output.dir or delete {work}"
             )
     t0 = time.perf_counter()
-    df = read_url_list(cfg.input)
-    cleaned = cleaned_counts(df["caption"])
-    reason = normalize_and_dedup(df)
-    (work / "inputs").mkdir(parents=True, exist_ok=True)
-    drops = pd.DataFrame({"row": df.loc[reason.notna(), "row"].to_numpy(np.int64),
-                          "reason": reason[reason.notna()].to_numpy(object)})
-    drops.to_parquet(work / "plan_drops.parquet", index=False)
-    rest = df[reason.isna()]
-    n, step = len(df), cfg.output.rows_per_part
+    for stale in (work / "inputs", work / DEDUP_DIR):
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.mkdir(parents=True)
+    step, buckets = cfg.output.rows_per_part, cfg.output.dedup_partitions
+    cleaned: Counter = Counter()
+    by_language: List[Dict[str, Dict[str, int]]] = []
+    pending: Dict[int, List[pd.DataFrame]] = {}
+    n = dropped = 0
+    drops_path = work / "plan_drops.parquet"
+    with _KeyWriters(work / DEDUP_DIR, buckets) as keys, pq.ParquetWriter(drops_path, _DROPS) as drop_writer:
+        for batch in iter_url_list(cfg.input):
+            cleaned.update(cleaned_counts(batch["caption"]))
+            reason = normalize_rows(batch)
+            bad = batch[reason.notna()]
+            drop_writer.write_table(pa.table({"row": bad["row"].to_numpy(np.int64),
+                                              "reason": reason[reason.notna()].to_numpy(object)}, schema=_DROPS))
+            declared = pd.Series([declared_code(x) for x in bad["declared_language"]], index=bad["row"].to_numpy())
+            by_language.append(reasons_by_language(pd.DataFrame({"row": bad["row"], "reason": reason[reason.notna()]}),
+                                                   declared))
+            dropped += len(bad)
+            valid = batch[reason.isna()]
+            keys.write(valid["row"].to_numpy(np.int64), *pair_keys(valid))
+            for k, chunk in valid.groupby(valid["row"].to_numpy() // step, sort=True):
+                pending.setdefault(int(k), []).append(chunk)
+            n = int(batch["row"].iloc[-1]) + 1
+            for k in [k for k in pending if (k + 1) * step <= n]:  # every row of part k has been read
+                _write_input(work, Part(k, k * step, (k + 1) * step), pending.pop(k))
     parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
-    bounds = np.searchsorted(rest["row"].to_numpy(), [p.start for p in parts] + [n])  # rows are ascending
-    for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
-        chunk = rest.iloc[lo:hi]
-        path = work / "inputs" / f"{part.name}.parquet"
-        chunk.to_parquet(path.with_suffix(".tmp"), index=False)
-        path.with_suffix(".tmp").replace(path)
-    declared = pd.Series([declared_code(x) for x in df["declared_language"]], index=df["row"].to_numpy())
-    _write_json(plan_path, {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
-                            "captions_cleaned": cleaned, "plan_seconds": round(time.perf_counter() - t0, 3),
-                            "dropped_by_language": reasons_by_language(drops, declared)})
-    print(f"curate: planned {n} rows in {len(parts)} part(s); {len(drops)} dropped before download", flush=True)
-    return parts
+    for part in parts:  # the last part, and parts whose every row was dropped above
+        if not (work / "inputs" / f"{part.name}.parquet").is_file():
+            _write_input(work, part, pending.pop(part.index, []))
+    plan = {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
+            "dedup_partitions": buckets, "captions_cleaned": {k: cleaned[k] for k in CLEANED},
+            "plan_seconds": round(time.perf_counter() - t0, 3),
+            "dropped_by_language": _sum_counts(by_language)}
+    _write_json(plan_path, plan)
+    print(f"curate: planned {n} rows in {len(parts)} part(s); {dropped} dropped before download (invalid URL, "
+          "empty caption)", flush=True)
+    return _planned(cfg, plan, dedup)
+
+
+class _KeyWriters:
+    """One parquet file of (row, k1, k2) per exact-duplicate partition, appended batch by batch."""
+
+    SCHEMA = pa.schema([("row", pa.int64()), ("k1", pa.uint64()), ("k2", pa.uint64())])
+
+    def __init__(self, folder: Path, partitions: int):
+        self.paths = [folder / f"keys-{k:05d}.parquet" for k in range(partitions)]
+        self.writers = [pq.ParquetWriter(p, self.SCHEMA) for p in self.paths]
+
+    def write(self, rows: np.ndarray, k1: np.ndarray, k2: np.ndarray) -> None:
+        bucket = k1 % np.uint64(len(self.writers))
+        for k, writer in enumerate(self.writers):
+            mine = bucket == k
+            writer.write_table(pa.table({"row": rows[mine], "k1": k1[mine], "k2": k2[mine]}, schema=self.SCHEMA))
+
+    def __enter__(self) -> "_KeyWriters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def _write_input(work: Path, part: Part, chunks: List[pd.DataFrame]) -> None:
+    path = work / "inputs" / f"{part.name}.parquet"
+    rows = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(
+        {c: pd.Series(dtype=np.int64 if c == "row" else object) for c in (*URL_COLUMNS, "caption_original")})
+    rows.to_parquet(path.with_suffix(".tmp"), index=False)
+    path.with_suffix(".tmp").replace(path)
+
+
+def _planned(cfg: CurationConfig, plan: dict, dedup: bool) -> List[Part]:
+    if dedup:
+        run_tasks([(dedup_partition, (cfg, k)) for k in range(plan["dedup_partitions"])], cfg.output.local_processes)
+    return _parts_from(plan)
+
+
+Call = Tuple[Callable[..., object], tuple]
+
+
+def run_tasks(calls: Sequence[Call], processes: int, done: Optional[Callable[[], None]] = None) -> None:
+    """Run independent tasks of one step here: in turn, or over ``processes`` fresh processes (spawned: no
+    state forked from this one). Each task writes its own output; the first failure is raised."""
+    if processes <= 1 or len(calls) <= 1:
+        for fn, args in calls:
+            fn(*args)
+            if done:
+                done()
+        return
+    with ProcessPoolExecutor(min(processes, len(calls)), mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(fn, *args) for fn, args in calls]):
+            future.result()
+            if done:
+                done()
+
+
+def dedup_partition(cfg: CurationConfig, k: int) -> Path:
+    """Exact (url, caption) duplicates among one partition of the pair keys: every copy but the smallest
+    row, as work/dedup/drops-NNNNN.parquet (skipped when done). Holds one partition's keys, 24 bytes a row."""
+    plan = json.loads(_need_plan(cfg).read_text())
+    k = _task_index(k, plan["dedup_partitions"], "dedup", "--dedup")
+    out = cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet"
+    if not out.is_file():
+        keys = pq.read_table(cfg.work_dir / DEDUP_DIR / f"keys-{k:05d}.parquet")
+        rows = keys["row"].to_numpy()
+        later = later_copies(rows, keys["k1"].to_numpy(), keys["k2"].to_numpy())
+        pd.DataFrame({"row": np.sort(rows[later])}).to_parquet(out.with_suffix(".tmp"), index=False)
+        out.with_suffix(".tmp").replace(out)
+    return out
+
+
+def _duplicates_in(cfg: CurationConfig, part: Part) -> np.ndarray:
+    """Rows of ``part`` that repeat a smaller row's (url, caption), from every dedup partition's drops."""
+    plan = json.loads(_need_plan(cfg).read_text())
+    paths = [cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet" for k in range(plan["dedup_partitions"])]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CurationError(f"exact-duplicate partition(s) {missing[:3]} not run yet ({len(missing)} missing); run "
+                            "`sigscale curate --dedup K` for each K (or `sigscale curate`, which runs them) first")
+    found = [pq.read_table(p, filters=[("row", ">=", part.start), ("row", "<", part.stop)])["row"].to_numpy()
+             for p in paths]
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
 def run_part(cfg: CurationConfig, part: Part) -> Path:
     """Curate one part into work/parts/<name> (idempotent: a finished part is skipped)."""
-
-
-
     final = _part_dir(cfg, part)
     want = part_config_hash(cfg)
     if (final / DONE).is_file():
@@ -156,7 +268,8 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     rows = pd.read_parquet(input_path)
 
     t0 = time.perf_counter()
-    kept, text_drops = filter_text(rows, cfg.text)
+    dedup_drops = pd.DataFrame({"row": _duplicates_in(cfg, part), "reason": DUPLICATE_URL_CAPTION})
+    kept, text_drops = filter_text(rows[~rows["row"].isin(dedup_drops["row"])], cfg.text)
     t1 = time.perf_counter()
     print(f"curate: {part.name} text: {len(rows)} rows, {len(kept)} kept ({t1 - t0:.1f} s)", flush=True)
     results = download(kept[["row", "url", "caption"]], tmp / "download", cfg.download,
@@ -177,7 +290,7 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
     t3 = time.perf_counter()
 
     download_drops = results.loc[results["reason"].notna(), ["row", "reason"]]
-    drops = pd.concat([text_drops, download_drops, image_drops], ignore_index=True).astype({"row": np.int64})
+    drops = pd.concat([dedup_drops, text_drops, download_drops, image_drops], ignore_index=True).astype({"row": np.int64})
     if len(drops) + len(candidates) != len(rows) or drops["row"].duplicated().any():
         raise RuntimeError(f"{part.name}: {len(rows)} rows in, {len(candidates)} kept + {len(drops)} dropped out")
     candidates[_META].to_parquet(tmp / "candidates.parquet", index=False)
@@ -195,7 +308,8 @@ def run_part(cfg: CurationConfig, part: Part) -> Path:
         "part": asdict(part), "config_hash": want, "rows": len(rows), "candidates": len(candidates),
         "dropped": dict(Counter(drops["reason"])), "languages_text": dict(Counter(kept["language"])),
         "language_id": language_outcomes(rows, kept, text_drops),
-        "dropped_by_stage": {"text": dict(Counter(text_drops["reason"])),
+        "dropped_by_stage": {"exact": {DUPLICATE_URL_CAPTION: len(dedup_drops)},
+                             "text": dict(Counter(text_drops["reason"])),
                              "download": dict(Counter(download_drops["reason"])),
                              "image": dict(Counter(image_drops["reason"]))},
         "dropped_by_language": reasons_by_language(drops, language),
@@ -331,18 +445,22 @@ def near_partition(cfg: CurationConfig, k: int) -> Path:
     return out
 
 
-def _task_index(index: int, count: int, step: str) -> int:
+def _task_index(index: int, count: int, step: str, flag: str = "--task") -> int:
     if not 0 <= index < count:
-        raise CurationError(f"--task {index} is out of range for the {step} step: it has {count} task(s) (0..{count - 1})")
+        raise CurationError(f"{flag} {index} is out of range for the {step} step: it has {count} task(s) (0..{count - 1})")
     return index
+
+
+def _need_plan(cfg: CurationConfig) -> Path:
+    plan_path = cfg.work_dir / PLAN
+    if not plan_path.is_file():
+        raise CurationError(f"no {PLAN} in {cfg.work_dir}; run `sigscale curate` (it plans and runs the parts) first")
+    return plan_path
 
 
 def _finished_parts(cfg: CurationConfig) -> List[Part]:
     """The planned parts, once every one of them is finished; else a CurationError that says what to run."""
-    plan_path = cfg.work_dir / PLAN
-    if not plan_path.is_file():
-        raise CurationError(f"no {PLAN} in {cfg.work_dir}; run `sigscale curate` (it plans and runs the parts) first")
-    parts = _parts_from(json.loads(plan_path.read_text()))
+    parts = _parts_from(json.loads(_need_plan(cfg).read_text()))
     missing = [p.name for p in parts if not (_part_dir(cfg, p) / DONE).is_file()]
     if missing:
         raise CurationError(

@@ -45,7 +45,7 @@ def _bar(path: Path, series: Dict[str, Dict[str, int]], title: str, horizontal: 
 def _throughput_rows(stats: dict) -> List[list]:
     """[stage, seconds, rate] per pipeline stage."""
     t, n = stats["timing"], stats["input_rows"]
-    return [["plan (read, normalise, exact dedup)", t["plan_seconds"], f"{n / max(t['plan_seconds'], 1e-9):.0f} rows/s"],
+    return [["plan (read, normalise, partition the pair keys)", t["plan_seconds"], f"{n / max(t['plan_seconds'], 1e-9):.0f} rows/s"],
             ["text filters", t["text_seconds"], f"{t['captions_per_second']} captions/s"],
             ["download (img2dataset)", t["download_seconds"], f"{t['images_per_second']} images/s"],
             ["image checks and hashes", t["image_seconds"], ""],

@@ -1,7 +1,9 @@
-"""Read URL lists (parquet, csv, tsv, jsonl; one file or a folder of parts) into one table.
+"""Read URL lists (parquet, csv, tsv, jsonl; one file or a folder of parts), batch by batch.
 
 Every input row gets a global id ``row`` (file order, then line order): the key under which the
-rest of the pipeline accounts for it, kept or dropped.
+rest of the pipeline accounts for it, kept or dropped. :func:`iter_url_list` holds one batch at a
+time: a parquet row-group batch, or one csv/tsv/jsonl file (split a URL list of billions of rows
+into files, as LAION and DataComp ship theirs).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import lzma
 import math
 import zlib
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Optional
 
 import pandas as pd
 import pyarrow as pa
@@ -89,16 +91,25 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
     return df.iloc[1:].set_axis(header, axis=1).reset_index(drop=True)
 
 
-def _read(path: Path, fmt: str, columns: List[str]) -> pd.DataFrame:
+def _read(path: Path, fmt: str, columns: List[str], batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The file's rows, ``batch_rows`` at a time for parquet, whole for the text formats."""
     try:
         if fmt == "parquet":
-            have = pq.read_schema(path).names
-            return pd.read_parquet(path, columns=[c for c in columns if c in have])
-        if fmt in ("csv", "tsv"):
-            return _read_csv(path, "," if fmt == "csv" else "\t")
-        return pd.read_json(path, lines=True, dtype=False)
+            with pq.ParquetFile(path) as f:
+                have = f.schema_arrow.names
+                batches = f.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in have])
+                empty = True
+                for batch in batches:
+                    empty = False
+                    yield batch.to_pandas()
+                if empty:
+                    yield f.schema_arrow.empty_table().to_pandas()
+        elif fmt in ("csv", "tsv"):
+            yield _read_csv(path, "," if fmt == "csv" else "\t")
+        else:
+            yield pd.read_json(path, lines=True, dtype=False)
     except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=columns)
+        yield pd.DataFrame(columns=columns)
     except _READ_ERRORS as e:
         if isinstance(e, CurationError):
             raise
@@ -117,36 +128,47 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
                 f"record {i + 1}) where text is expected; write every {col} as a string (JSON \"...\") or null")
 
 
-def read_url_list(cfg: InputConfig) -> pd.DataFrame:
-    """All rows of the URL list as columns row, url, caption, declared_language, extras (JSON)."""
+# Rows per batch that iter_url_list reads from a parquet file: bounds the planner's memory (~1 GiB).
+BATCH_ROWS = 1_000_000
+
+
+def iter_url_list(cfg: InputConfig, batch_rows: Optional[int] = None) -> Iterator[pd.DataFrame]:
+    """The URL list in batches of columns row, url, caption, declared_language, extras (JSON), rows ascending."""
+    batch_rows = batch_rows or BATCH_ROWS
     columns = [cfg.url_col, cfg.caption_col, *([cfg.language_col] if cfg.language_col else []), *cfg.extra_cols]
-    frames = []
     start = 0
     for path in list_files(cfg):
-        df = _read(path, _format_of(path, cfg.format), columns)
-        if len(df) == 0:
-            continue
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            raise CurationError(
-                f"URL list {path} has no column(s) {missing} (it has {list(df.columns)[:20]}); "
-                "set input.url_col / input.caption_col / input.language_col / input.extra_cols to its names"
-            )
-        for col in (cfg.url_col, cfg.caption_col, cfg.language_col):
-            if col:
-                _text_column(df, col, path)
-        out = pd.DataFrame({
-            "row": pd.RangeIndex(start, start + len(df), dtype="int64"),
-            "url": df[cfg.url_col].astype(object).where(df[cfg.url_col].notna(), None).to_numpy(),
-            "caption": df[cfg.caption_col].astype(object).where(df[cfg.caption_col].notna(), None).to_numpy(),
-            "declared_language": (df[cfg.language_col].astype(object).where(df[cfg.language_col].notna(), None)
-                                  .to_numpy() if cfg.language_col else None),
-            "extras": ([json.dumps(r, ensure_ascii=False, default=str) for r in
-                        df[cfg.extra_cols].astype(object).where(df[cfg.extra_cols].notna(), None).to_dict("records")]
-                       if cfg.extra_cols else "{}"),
-        })
-        frames.append(out)
-        start += len(df)
+        for df in _read(path, _format_of(path, cfg.format), columns, batch_rows):
+            if len(df):
+                yield _batch(df, cfg, columns, path, start)
+                start += len(df)
     if start == 0:
         raise CurationError(f"URL list {cfg.path} has no rows; nothing to curate")
-    return pd.concat(frames, ignore_index=True)[COLUMNS]
+
+
+def read_url_list(cfg: InputConfig) -> pd.DataFrame:
+    """All rows of the URL list as one table (:func:`iter_url_list` concatenated)."""
+    return pd.concat(list(iter_url_list(cfg)), ignore_index=True)
+
+
+def _batch(df: pd.DataFrame, cfg: InputConfig, columns: List[str], path: Path, start: int) -> pd.DataFrame:
+    """One batch of a file in the pipeline's columns, its rows numbered from ``start``."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise CurationError(
+            f"URL list {path} has no column(s) {missing} (it has {list(df.columns)[:20]}); "
+            "set input.url_col / input.caption_col / input.language_col / input.extra_cols to its names"
+        )
+    for col in (cfg.url_col, cfg.caption_col, cfg.language_col):
+        if col:
+            _text_column(df, col, path)
+    return pd.DataFrame({
+        "row": pd.RangeIndex(start, start + len(df), dtype="int64"),
+        "url": df[cfg.url_col].astype(object).where(df[cfg.url_col].notna(), None).to_numpy(),
+        "caption": df[cfg.caption_col].astype(object).where(df[cfg.caption_col].notna(), None).to_numpy(),
+        "declared_language": (df[cfg.language_col].astype(object).where(df[cfg.language_col].notna(), None)
+                              .to_numpy() if cfg.language_col else None),
+        "extras": ([json.dumps(r, ensure_ascii=False, default=str) for r in
+                    df[cfg.extra_cols].astype(object).where(df[cfg.extra_cols].notna(), None).to_dict("records")]
+                   if cfg.extra_cols else "{}"),
+    })[COLUMNS]

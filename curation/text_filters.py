@@ -148,21 +148,48 @@ def host_verdicts(hosts: Iterable[str], cfg: TextConfig) -> Dict[str, Optional[s
         return dict(zip(hosts, pool.map(verdict, hosts)))
 
 
-def normalize_and_dedup(df: pd.DataFrame) -> pd.Series:
-    """Normalise captions in place (original kept as caption_original); return first drop reasons.
-
-    Runs over the whole URL list (exact duplicates can sit in different parts): invalid URLs,
-    empty captions and repeated (url, caption) pairs after normalisation.
-    """
+def normalize_rows(df: pd.DataFrame) -> pd.Series:
+    """Normalise captions in place (original kept as caption_original); return the row-local drop
+    reasons: invalid URLs and captions empty after normalisation."""
     df["caption_original"] = df["caption"]
     df["caption"] = [normalize_caption(c) for c in df["caption"]]
-    hosts = [_host(u) for u in df["url"]]
     reason = pd.Series(None, index=df.index, dtype=object)
-    reason[[h is None for h in hosts]] = URL_INVALID
+    reason[[_host(u) is None for u in df["url"]]] = URL_INVALID
     reason[df["caption"].isna() & reason.isna()] = CAPTION_EMPTY
-    url = df["url"].astype(str).str.strip()
-    dup = pd.DataFrame({"u": url, "c": df["caption"]}).duplicated(keep="first")
-    reason[dup & reason.isna()] = DUPLICATE_URL_CAPTION
+    return reason
+
+
+# Two keys of pandas' SipHash: 128 bits per (url, caption), so that among 10^10 rows the chance of one
+# false duplicate stays below 10^-18 (one 64-bit hash would collide with probability ~0.93 there).
+_PAIR_KEYS = ("sigscale-pair-k1", "sigscale-pair-k2")
+
+
+def pair_keys(df: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+    """Two uint64 hashes of each row's (stripped url, normalised caption): equal pairs, equal keys."""
+    pairs = pd.DataFrame({"u": df["url"].astype(str).str.strip(), "c": df["caption"]}, index=df.index)
+    return tuple(pd.util.hash_pandas_object(pairs, index=False, hash_key=k).to_numpy(np.uint64) for k in _PAIR_KEYS)
+
+
+def later_copies(rows: np.ndarray, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
+    """Boolean mask over ``rows``: True where an equal key has a smaller row (the later copies)."""
+    order = np.lexsort((rows, k2, k1))  # by key, then row: the first of each run is its smallest row
+    s1, s2 = k1[order], k2[order]
+    later = np.zeros(len(rows), bool)
+    later[order[1:]] = (s1[1:] == s1[:-1]) & (s2[1:] == s2[:-1])
+    return later
+
+
+def normalize_and_dedup(df: pd.DataFrame) -> pd.Series:
+    """:func:`normalize_rows`, then repeated (url, caption) pairs of this table as DUPLICATE_URL_CAPTION.
+
+    One table in memory; the planner does the same over a whole URL list by partitions of the pair keys.
+    """
+    reason = normalize_rows(df)
+    valid = reason.isna().to_numpy()
+    k1, k2 = pair_keys(df[valid])
+    dup = np.zeros(len(df), bool)
+    dup[np.flatnonzero(valid)] = later_copies(df["row"].to_numpy(np.int64)[valid], k1, k2)
+    reason[dup] = DUPLICATE_URL_CAPTION
     return reason
 
 

@@ -76,10 +76,11 @@ def _then(first: Submission, kind: str, tasks: Sequence[ArrayTask], cluster: str
 
 
 def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """Arrays chained by afterok: a task per URL-list part, prepare, scatter per part, near per partition,
-    score, count, decide and write per part, then the merge (finalize)."""
+    """Arrays chained by afterok: exact dedup per key partition, a task per URL-list part, prepare, scatter per
+    part, near per partition, score, count, decide and write per part, then the merge (finalize)."""
     from sigscale.curation.finalize import ASSEMBLE_FUNCTIONS, ASSEMBLE_STEPS, assemble_key, finalize
-    from sigscale.curation.pipeline import finalize_key, near_partition, plan_parts, prepare_finalize, run_part, scatter_part
+    from sigscale.curation.pipeline import (dedup_partition, finalize_key, near_partition, plan_parts, prepare_finalize,
+                                            run_part, scatter_part)
 
     run_dir = Path(cfg.output.dir).absolute()
     cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
@@ -87,13 +88,17 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
     if res.job_name == Resources.job_name:
         res = dataclasses.replace(res, job_name=f"sigscale-curate-{cfg.name}")
     with nothing_left_if_refused(run_dir):
-        parts = plan_parts(cfg)  # reads the URL list once, here; tasks read only their part's rows
-        tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
-        sub = submit_array(run_dir, "curate", tasks, cluster, res, dry_run)
-    if dry_run:
-        return sub
+        # Reads the URL list once, here, batch by batch; tasks read only their partition's keys or part's rows.
+        parts = plan_parts(cfg, dedup=False)
+        part_tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
+        if dry_run:
+            return submit_array(run_dir, "curate", part_tasks, cluster, res, dry_run)
+        sub = submit_array(run_dir, "curate-dedup", [ArrayTask(f"dedup-{k:05d}", dedup_partition, (cfg, k))
+                                                     for k in range(cfg.output.dedup_partitions)], cluster, res)
+        sub = dataclasses.replace(sub, kind="curate")  # the chain's name in progress lines and failures
     key = finalize_key(cfg, parts)  # a finalize-only setting changed: its steps' names (and done markers) change
-    steps = [("prepare", [ArrayTask(f"prepare-{key}", prepare_finalize, (cfg,))]),
+    steps = [("curate", part_tasks),
+             ("prepare", [ArrayTask(f"prepare-{key}", prepare_finalize, (cfg,))]),
              ("scatter", [ArrayTask(f"scatter-{key}-{p.name}", scatter_part, (cfg, p.index)) for p in parts]),
              ("near", [ArrayTask(f"near-{key}-p{k:05d}", near_partition, (cfg, k))
                        for k in range(cfg.output.finalize_partitions)]),
@@ -101,7 +106,7 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
                        for p in parts]) for step in ASSEMBLE_STEPS),
              ("finalize", [ArrayTask("finalize", finalize, (cfg,))])]
     for kind, step in steps:
-        sub = _then(sub, f"curate-{kind}", step, cluster, res)
+        sub = _then(sub, kind if kind == "curate" else f"curate-{kind}", step, cluster, res)
     return sub
 
 

@@ -85,7 +85,12 @@ def test_partition_task_verifies_big_band_groups_in_bounded_blocks(tmp_path):
 
 
 def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
-    result = run_finalize_bench(6000, threshold=3, rows_per_writer=3000, copies_per_partition=12000, near_fraction=0.1)
+    result = run_finalize_bench(6000, threshold=3, rows_per_writer=3000, copies_per_partition=12000, near_fraction=0.1,
+                                rows_per_dedup_partition=2500)
+    exact = result["exact"]  # copies of originals anywhere earlier in the list, found across parts and partitions
+    assert exact["partitions"] == exact["dedup"]["tasks"] == 3 and exact["keys"]["tasks"] == 2
+    assert 200 < exact["planted"] == exact["caught"] and exact["false_drops"] == 0
+    assert exact["rows_per_partition_max"] < 6000 and exact["dedup"]["peak_rss_mib_max"] > 0
     assert (result["partitions"], result["writers"], result["scatter"]["tasks"], result["near"]["tasks"]) == (2, 2, 2, 2)
     assert result["planted"] == result["caught"] == 600 and result["false_drops"] == 0
     assert result["balance_kept"] == result["balance_target"] < 6000  # the cap cut rows, exactly to its target
@@ -93,3 +98,5 @@ def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
     assert result["near"]["peak_rss_mib_max"] > 0 and result["rows_per_second"] > 0
     table = render_finalize_markdown([result], "sigscale bench curation --rows 6000")
     assert "| 6,000 | 3 | 4 | 2 | 2 |" in table and "| 600 / 600 | 0 |" in table
+    assert f"| 6,000 | 3 | {exact['rows_per_partition_max']:,} |" in table
+    assert f"| {exact['planted']:,} / {exact['planted']:,} | 0 |" in table

@@ -281,15 +281,21 @@ def shard_contents(folder):
 BALANCED = ["balance.mode=cap", "balance.max_fraction=0.13", "output.samples_per_shard=7"]
 
 
-def test_kept_rows_and_shards_do_not_depend_on_the_partition_count(curated):
-    """Balance (cap), near-duplicates and shard cuts: the same for 1 and 3 pHash-band partitions."""
+def test_kept_rows_and_shards_do_not_depend_on_the_partition_count(curated, monkeypatch):
+    """Balance (cap), near-duplicates and shard cuts: the same for 1 and 3 pHash-band partitions, and for the
+    steps run in this process or over 2 local processes."""
     d = curated["dir"]
     results = []
     try:
-        for partitions in (1, 3):
-            out = finalize(load_curation_config("demo", overrides(d, [*BALANCED, f"output.finalize_partitions={partitions}"])))
+        for partitions, processes in ((1, 1), (3, 2)):
+            if processes > 1:  # the scatter and near tasks cannot run here: they must have run in the processes
+                for name in ("scatter", "partition_drops"):
+                    monkeypatch.setattr(f"sigscale.curation.pipeline.{name}", lambda *a, **k: pytest.fail("ran here"))
+            out = finalize(load_curation_config("demo", overrides(d, [*BALANCED, f"output.finalize_partitions={partitions}",
+                                                                      f"output.local_processes={processes}"])))
             results.append((load_outcomes(out), shard_contents(out)))
     finally:
+        monkeypatch.undo()
         finalize(curated["cfg"])  # leave the module's output as the other tests expect it
     (first, shards), (other, other_shards) = results
     assert (first["reason"] == "balance").sum() > 0 and (first["reason"] == "near_duplicate").sum() >= 5

@@ -182,31 +182,33 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
         cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={tmp_path / 'curated'}",
                                             "output.rows_per_part=20", "download.processes=1",
                                             "download.threads=4", "output.plots=false",
-                                            "output.finalize_partitions=2"])
+                                            "output.finalize_partitions=2", "output.dedup_partitions=2"])
         sub = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
         key = finalize_key(cfg, plan_parts(cfg))
         steps = [f"prepare-{key}", *(f"scatter-{key}-part-0000{i}" for i in range(3)),
                  *(f"near-{key}-p0000{k}" for k in range(2)),
                  *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ASSEMBLE_STEPS for i in range(3)),
                  "finalize"]
-        assert sub.names == ["part-00000", "part-00001", "part-00002", *steps]
+        parts = ["dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
+        assert sub.names == [*parts, *steps]
         wait(sub, poll_s=1, timeout_s=400)
     out = tmp_path / "curated"
     manifest = load_manifest(out / "manifest.json")
     stats = json.loads((out / "stats.json").read_text())
     assert manifest.num_samples > 0 and stats["input_rows"] == 60
-    parts_array = sub.jobs[0].job_id.split("_")[0]
-    script = (sub.folder / f"{parts_array}_submission.sh").read_text()
+    parts_array = sub.jobs[2].job_id.split("_")[0]
+    (script_path,) = (out / "slurm").glob(f"*-curate/{parts_array}_submission.sh")  # each array has its folder
+    script = script_path.read_text()
     assert "#SBATCH --array=0-2%2" in script
     # each step started after the one before ended (afterok dependency on the arrays)
     arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
-    assert len(arrays) == 5 + len(ASSEMBLE_STEPS)
+    assert len(arrays) == 6 + len(ASSEMBLE_STEPS)  # dedup, parts, prepare, scatter, near, the 4 steps, merge
     for before, after in zip(arrays, arrays[1:]):
         assert max(_times(before, "End")) <= min(_times(after, "Start"))
     assert len(list((out / "work" / "finalize" / "drops").glob("p*.parquet"))) == 2
     # resubmission: every part and the finalize step are done, nothing is queued
     again = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, array_parallelism=2))
-    assert again.jobs == [] and again.skipped == ["part-00000", "part-00001", "part-00002", *steps]
+    assert again.jobs == [] and again.skipped == [*parts, *steps]
 
 
 @slurm
