@@ -189,16 +189,18 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(k1, k2, copy mask) of rows [start, start + n): a copy repeats the pair keys of an original at a smaller
-    row anywhere in the list (not only in its own part), so exactly the copies are later copies of a pair."""
+def planted_identities(start: int, n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(identity, copy mask) of rows [start, start + n): a copy's identity is an original at a smaller row anywhere
+    in the list (not only in its own part), an original's is itself. A row's fate depends on the row alone."""
     rows = np.arange(start, start + n, dtype=np.uint64)
     salt = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
 
     def uniform(r: np.ndarray, stream: int) -> np.ndarray:
         return (_mix64(r ^ salt ^ np.uint64(stream << 56)) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
 
-    is_copy = lambda r: (uniform(r, 1) < fraction) & (r > 0)  # noqa: E731 (a row's fate depends on the row alone)
+    def is_copy(r: np.ndarray) -> np.ndarray:
+        return (uniform(r, 1) < fraction) & (r > 0)
+
     identity = rows.copy()
     todo = np.flatnonzero(is_copy(rows))
     for attempt in range(8):  # a uniformly drawn earlier row that is itself an original
@@ -206,7 +208,14 @@ def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[n
         ok = ~is_copy(source)
         identity[todo[ok]] = source[ok]
         todo = todo[~ok]
-    copy = identity != rows  # the few rows with no original found in 8 draws stay originals
+    return identity, identity != rows  # the few rows with no original found in 8 draws stay originals
+
+
+def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(k1, k2, copy mask) of rows [start, start + n): copies repeat their original's pair keys, so exactly the
+    copies are later copies of a pair."""
+    identity, copy = planted_identities(start, n, fraction, seed)
+    salt = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     return _mix64(identity ^ salt), _mix64(identity ^ salt ^ np.uint64(0xD1B54A32D192ED03)), copy
 
 
@@ -352,6 +361,92 @@ def _run_exact_dedup(rows: int, rows_per_writer: int, rows_per_partition: int, f
             "keys": _step(written, t1 - t0, rows), "dedup": _step(deduped, t2 - t1, rows),
             "planted": len(planted), "caught": int(np.isin(planted, dropped).sum()),
             "false_drops": int((~np.isin(dropped, planted)).sum())}
+
+
+COLOURS = ("red", "green", "blue")
+
+
+def _url_list_task(path: str, start: int, n: int, fraction: float, seed: int) -> int:
+    """One file of a synthetic URL list, rows [start, start + n), with planted exact copies (every third one's
+    caption respaced, equal once normalised); returns the copies planted."""
+    identity, copy = planted_identities(start, n, fraction, seed)
+    spaced = copy & (np.arange(start, start + n) % 3 == 0)
+    ids = identity.tolist()
+    frame = pd.DataFrame({
+        "url": [f"http://img{i % 9973}.example.org/{i:x}.jpg" for i in ids],
+        "caption": [f"a photo {'  ' if sp else ' '}of item {i} on a {COLOURS[i % 3]} table"
+                    for i, sp in zip(ids, spaced.tolist())]})
+    frame.to_parquet(path, index=False, row_group_size=100_000)
+    return int(copy.sum())
+
+
+def _plan_task(folder: str, partitions: int, rows_per_part: int) -> dict:
+    """The planner over the whole synthetic list (one process: it reads the list once, batch by batch)."""
+    from sigscale.curation.pipeline import plan_parts
+
+    t0 = time.perf_counter()
+    parts = plan_parts(_plan_config(folder, partitions, rows_per_part), dedup=False)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "parts": len(parts)}
+
+
+def _plan_config(folder: str, partitions: int, rows_per_part: int):
+    from sigscale.curation.config import load_curation_config
+
+    return load_curation_config("default", [f"input.path={Path(folder) / 'urls'}", f"output.dir={Path(folder) / 'out'}",
+                                            f"output.rows_per_part={rows_per_part}",
+                                            f"output.dedup_partitions={partitions}"])
+
+
+def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -> dict:
+    """One exact-dedup partition of the planned list, through the pipeline's own dedup_partition."""
+    from sigscale.curation.pipeline import dedup_partition
+
+    t0 = time.perf_counter()
+    out = dedup_partition(_plan_config(folder, partitions, rows_per_part), k)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(),
+            "dropped": pd.read_parquet(out)["row"].to_numpy(np.int64)}
+
+
+def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int = 1_000_000,
+                   rows_per_dedup_partition: int = 2_000_000, exact_fraction: float = 0.05, workers: int = 2,
+                   seed: int = 0) -> dict:
+    """The planner and the exact dedup, through the pipeline's own functions, on a synthetic URL list of ``rows``
+    rows in parquet files: peak RSS of the planning process and of each dedup task, rows/s, copies caught."""
+    partitions = max(1, math.ceil(rows / rows_per_dedup_partition))
+    files = [(start, min(rows_per_file, rows - start)) for start in range(0, rows, rows_per_file)]
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    with tempfile.TemporaryDirectory() as tmp, pool:
+        (Path(tmp) / "urls").mkdir()
+        t0 = time.perf_counter()
+        list(pool.map(_url_list_task, [str(Path(tmp) / "urls" / f"urls-{i:05d}.parquet") for i in range(len(files))],
+                      *zip(*[(s, n, exact_fraction, seed) for s, n in files])))
+        t1 = time.perf_counter()
+        planned = pool.submit(_plan_task, tmp, partitions, rows_per_part).result()
+        t2 = time.perf_counter()
+        deduped = list(pool.map(_plan_dedup_task, [tmp] * partitions, [partitions] * partitions,
+                                [rows_per_part] * partitions, range(partitions)))
+        t3 = time.perf_counter()
+    planted = np.concatenate([np.arange(s, s + n)[planted_identities(s, n, exact_fraction, seed)[1]] for s, n in files])
+    dropped = np.concatenate([r.pop("dropped") for r in deduped])
+    return {"rows": rows, "files": len(files), "parts": planned["parts"], "partitions": partitions,
+            "workers": workers, "cpus": os.cpu_count(), "write_list_seconds": round(t1 - t0, 1),
+            "plan": _step([planned], t2 - t1, rows), "dedup": _step(deduped, t3 - t2, rows),
+            "planted": len(planted), "caught": int(np.isin(planted, dropped).sum()),
+            "false_drops": int((~np.isin(dropped, planted)).sum())}
+
+
+def render_plan_markdown(results: List[dict], command: str) -> str:
+    """The BENCHMARKS.md table of :func:`run_plan_bench` results, with the command that made it."""
+    lines = [f"`{command}`", "",
+             "| rows | files | parts | key partitions | peak RSS of the planner (MiB) | planner rows/s "
+             "| peak RSS / dedup task (MiB, max) | dedup rows/s | planted copies caught | false drops |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['files']} | {r['parts']} | {r['partitions']} "
+                     f"| {r['plan']['peak_rss_mib_max']} | {r['plan']['rows_per_second']:,} "
+                     f"| {r['dedup']['peak_rss_mib_max']} | {r['dedup']['rows_per_second']:,} "
+                     f"| {r['caught']:,} / {r['planted']:,} | {r['false_drops']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _rate(r: dict) -> float:

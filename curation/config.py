@@ -127,8 +127,8 @@ class OutputConfig:
     corpus: bool = True  # write captions.txt for tokenizer training
     plots: bool = True
     keep_downloads: bool = False  # keep all of img2dataset's output in each part (its tars always stay: the images)
-    # Partitions of the exact (url, caption) dedup (one task each, ~24 bytes of keys per URL-list row in memory):
-    # raise it with the list, e.g. one per 50M rows.
+    # Partitions of the exact (url, caption) dedup (one task each, ~120 bytes per URL-list row of its partition
+    # at peak): raise it with the list, e.g. one per 20M rows for ~2.5 GiB per task.
     dedup_partitions: int = 1
     # Processes running the tasks of one dedup or finalize step when `sigscale curate` runs them here
     # (`submit curate` runs each step as a Slurm array instead).

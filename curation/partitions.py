@@ -57,6 +57,18 @@ def partition_of(band: int, values: np.ndarray, partitions: int) -> np.ndarray:
     return (row_uniforms(key, _PARTITION_SEED) * partitions).astype(np.int64)
 
 
+# Candidate pairs one near task verifies per second on one CPU core: 20M uniform pHashes at h = 3 give 1.2e10
+# pairs over 80 tasks, and a task took ~180 s (a stopped `sigscale bench curation --rows 20000000`, BENCHMARKS.md).
+PAIRS_PER_SECOND = 8e5
+
+
+def chance_pairs(rows: int, threshold: int) -> float:
+    """Pairs that share a band by chance among ``rows`` uniform pHashes, all of which the near tasks verify:
+    (bands) · N² / 2^(width+1). Quadratic in N: real pHashes, which cluster, give more, never fewer."""
+    layout = band_layout(threshold)
+    return len(layout) * float(rows) ** 2 / 2.0 ** (min(w for _, w in layout) + 1)
+
+
 def partition_dir(folder: Path, k: int) -> Path:
     """Folder of partition k: one Arrow file per writer."""
     return Path(folder) / f"p{k:05d}"

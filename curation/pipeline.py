@@ -38,7 +38,7 @@ from sigscale.curation.config import CurationConfig, CurationError, part_config_
 from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
-from sigscale.curation.partitions import PARTITION_REASONS, partition_drops, scatter
+from sigscale.curation.partitions import PAIRS_PER_SECOND, PARTITION_REASONS, chance_pairs, partition_drops, scatter
 from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_url_list, list_files
 from sigscale.curation.text_filters import (CLEANED, DUPLICATE_URL_CAPTION, TEXT_REASONS, cleaned_counts, filter_text,
                                            language_outcomes, later_copies, normalize_rows, pair_keys)
@@ -104,8 +104,8 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
     """Split the URL list into parts (reusing an existing plan of the same input); see module doc.
 
     Reads the list batch by batch and holds one batch and the parts it is filling, whatever the list's
-    size. ``dedup`` also runs the exact-duplicate partitions here, one after another (`sigscale submit
-    curate` runs them as an array instead).
+    size. ``dedup`` also runs the exact-duplicate partitions not yet done, here, over
+    ``output.local_processes`` processes (`sigscale submit curate` runs them as an array instead).
     """
     work = cfg.work_dir
     plan_path = work / PLAN
@@ -127,10 +127,10 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
     step, buckets = cfg.output.rows_per_part, cfg.output.dedup_partitions
     cleaned: Counter = Counter()
     by_language: List[Dict[str, Dict[str, int]]] = []
-    pending: Dict[int, List[pd.DataFrame]] = {}
     n = dropped = 0
     drops_path = work / "plan_drops.parquet"
-    with _KeyWriters(work / DEDUP_DIR, buckets) as keys, pq.ParquetWriter(drops_path, _DROPS) as drop_writer:
+    with _KeyWriters(work / DEDUP_DIR, buckets) as keys, pq.ParquetWriter(drops_path, _DROPS) as drop_writer, \
+            _InputWriters(work / "inputs", step) as inputs:
         for batch in iter_url_list(cfg.input):
             cleaned.update(cleaned_counts(batch["caption"]))
             reason = normalize_rows(batch)
@@ -143,15 +143,9 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
             dropped += len(bad)
             valid = batch[reason.isna()]
             keys.write(valid["row"].to_numpy(np.int64), *pair_keys(valid))
-            for k, chunk in valid.groupby(valid["row"].to_numpy() // step, sort=True):
-                pending.setdefault(int(k), []).append(chunk)
             n = int(batch["row"].iloc[-1]) + 1
-            for k in [k for k in pending if (k + 1) * step <= n]:  # every row of part k has been read
-                _write_input(work, Part(k, k * step, (k + 1) * step), pending.pop(k))
+            inputs.write(valid, n)
     parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
-    for part in parts:  # the last part, and parts whose every row was dropped above
-        if not (work / "inputs" / f"{part.name}.parquet").is_file():
-            _write_input(work, part, pending.pop(part.index, []))
     plan = {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
             "dedup_partitions": buckets, "captions_cleaned": {k: cleaned[k] for k in CLEANED},
             "plan_seconds": round(time.perf_counter() - t0, 3),
@@ -185,12 +179,52 @@ class _KeyWriters:
             writer.close()
 
 
-def _write_input(work: Path, part: Part, chunks: List[pd.DataFrame]) -> None:
-    path = work / "inputs" / f"{part.name}.parquet"
-    rows = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(
-        {c: pd.Series(dtype=np.int64 if c == "row" else object) for c in (*URL_COLUMNS, "caption_original")})
-    rows.to_parquet(path.with_suffix(".tmp"), index=False)
-    path.with_suffix(".tmp").replace(path)
+class _InputWriters:
+    """work/inputs/part-NNNNN.parquet, appended batch by batch and published (renamed) once every row of the part
+    has been read, so the planner holds one batch, not a part. Every part gets its file, empty ones too."""
+
+    SCHEMA = pa.schema([("row", pa.int64()), *((c, pa.string()) for c in (*URL_COLUMNS[1:], "caption_original"))])
+
+    def __init__(self, folder: Path, rows_per_part: int):
+        self.folder, self.step = folder, rows_per_part
+        self.open: Dict[int, pq.ParquetWriter] = {}
+        self.next = 0  # the first part not yet published
+        self.read = 0  # input rows read so far
+
+    def _path(self, k: int, suffix: str) -> Path:
+        return self.folder / f"part-{k:05d}{suffix}"
+
+    def _writer(self, k: int) -> pq.ParquetWriter:
+        if k not in self.open:
+            self.open[k] = pq.ParquetWriter(self._path(k, ".tmp"), self.SCHEMA)
+        return self.open[k]
+
+    def write(self, rows: pd.DataFrame, read: int) -> None:
+        """Append ``rows`` (ascending) to their parts; publish the parts whose rows all lie below ``read``."""
+        for k, chunk in rows.groupby(rows["row"].to_numpy() // self.step, sort=True):
+            table = pa.Table.from_pandas(chunk[self.SCHEMA.names], self.SCHEMA, preserve_index=False)
+            self._writer(int(k)).write_table(table)
+        self.read = read
+        while (self.next + 1) * self.step <= read:
+            self._publish()
+
+    def _publish(self) -> None:
+        k = self.next
+        self._writer(k).close()  # a part without rows gets an empty file with the schema
+        del self.open[k]
+        self._path(k, ".tmp").replace(self._path(k, ".parquet"))
+        self.next += 1
+
+    def __enter__(self) -> "_InputWriters":
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            while kind is None and self.next * self.step < self.read:  # the last part, shorter than the others
+                self._publish()
+        finally:
+            for writer in self.open.values():
+                writer.close()
 
 
 def _planned(cfg: CurationConfig, plan: dict, dedup: bool) -> List[Part]:
@@ -220,7 +254,8 @@ def run_tasks(calls: Sequence[Call], processes: int, done: Optional[Callable[[],
 
 def dedup_partition(cfg: CurationConfig, k: int) -> Path:
     """Exact (url, caption) duplicates among one partition of the pair keys: every copy but the smallest
-    row, as work/dedup/drops-NNNNN.parquet (skipped when done). Holds one partition's keys, 24 bytes a row."""
+    row, as work/dedup/drops-NNNNN.parquet (skipped when done). Holds one partition's keys (24 bytes a row) and
+    their sort: ~120 bytes a row at peak (`sigscale bench curation --sections plan`)."""
     plan = json.loads(_need_plan(cfg).read_text())
     k = _task_index(k, plan["dedup_partitions"], "dedup", "--dedup")
     out = cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet"
@@ -392,11 +427,24 @@ def prepare_finalize(cfg: CurationConfig) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    _warn_quadratic_near(cfg, sum(json.loads((_part_dir(cfg, p) / DONE).read_text())["candidates"] for p in parts))
     evals = eval_set_hashes(cfg)
     if evals is not None:
         evals.to_parquet(folder / "eval.parquet")
     _write_json(folder / "settings.json", settings)
     return folder
+
+
+def _warn_quadratic_near(cfg: CurationConfig, candidates: int) -> None:
+    """Say so before the near-duplicate search compares more chance pairs than runs in about an hour."""
+    h = cfg.image.phash_threshold
+    pairs = chance_pairs(candidates, h) if h >= 0 else 0.0
+    hours = pairs / PAIRS_PER_SECOND / 3600
+    if hours > 1:
+        print(f"curate: warning: near-duplicates at image.phash_threshold={h} over {candidates:,} candidates compare "
+              f"at least {pairs:.2g} chance pairs (quadratic in rows: its {64 // (h + 1)}-bit pHash bands), about "
+              f"{hours:,.0f} CPU-hour(s); lower image.phash_threshold (3: 16-bit bands, fine to ~2M candidates; "
+              "1: 32-bit bands, far beyond) or set it to -1", flush=True)
 
 
 def _prepared(cfg: CurationConfig) -> Path:

@@ -128,8 +128,9 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
                 f"record {i + 1}) where text is expected; write every {col} as a string (JSON \"...\") or null")
 
 
-# Rows per batch that iter_url_list reads from a parquet file: bounds the planner's memory (~1 GiB).
-BATCH_ROWS = 1_000_000
+# Rows per batch that iter_url_list reads from a parquet file: bounds the planner's memory (a batch of
+# 250k rows and its copies through normalisation, ~0.5 GiB; `sigscale bench curation --sections plan`).
+BATCH_ROWS = 250_000
 
 
 def iter_url_list(cfg: InputConfig, batch_rows: Optional[int] = None) -> Iterator[pd.DataFrame]:

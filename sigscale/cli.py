@@ -206,21 +206,30 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
 
 def _bench_curation(args: argparse.Namespace) -> int:
-    from sigscale.curation.bench import (render_curation_markdown, render_finalize_markdown, run_curation_bench,
-                                         run_finalize_bench)
+    from sigscale.curation.bench import (render_curation_markdown, render_finalize_markdown, render_plan_markdown,
+                                         run_curation_bench, run_finalize_bench, run_plan_bench)
 
     if not args.rows:
         result = run_curation_bench(args.out or "bench_results/curation.json")
         print(render_curation_markdown(result, "sigscale bench " + " ".join(sys.argv[2:])))
         return 0
+    from sigscale.core.errors import SigscaleError
+
     threshold = 3 if args.phash_threshold is None else args.phash_threshold
-    out = Path(args.out or "bench_results/curation_finalize.json")
+    plan = (args.sections or "finalize") == "plan"
+    if args.sections not in (None, "finalize", "plan"):
+        raise SigscaleError(f"--sections {args.sections!r}: bench curation --rows has the sections finalize "
+                            "(synthetic metadata, the default) and plan (a synthetic URL list through the planner)")
+    out = Path(args.out or f"bench_results/curation_{'plan' if plan else 'finalize'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.rows.split(","):  # written after each size: a long last size does not lose the others
-        results.append(run_finalize_bench(int(n), threshold=threshold))
+        workers = args.nproc or 2
+        results.append(run_plan_bench(int(n), workers=workers) if plan else
+                       run_finalize_bench(int(n), threshold=threshold, workers=workers))
         out.write_text(json.dumps(results, indent=1))
-    print(render_finalize_markdown(results, "sigscale bench " + " ".join(sys.argv[2:])))
+    render = render_plan_markdown if plan else render_finalize_markdown
+    print(render(results, "sigscale bench " + " ".join(sys.argv[2:])))
     return 0
 
 
@@ -298,8 +307,10 @@ def _bench_arguments(b: argparse.ArgumentParser) -> None:
                    help="train/memory: sigscale train.strategy values, e.g. ddp,fsdp (memory: deepspeed:3 = ZeRO-3)")
     b.add_argument("--losses", help="ablation: comma-separated train.loss values (default sigmoid,softmax)")
     b.add_argument("--seeds", help="ablation: comma-separated train.seed values (default 0,1,2)")
-    b.add_argument("--nproc", type=int, help="ablation: training processes per run (default 2, as the demo)")
-    b.add_argument("--sections", help="scale: comma-separated real,simulated,train (default all)")
+    b.add_argument("--nproc", type=int, help="ablation: training processes per run (default 2, as the demo); "
+                   "curation --rows: tasks run at once (default 2)")
+    b.add_argument("--sections", help="scale: comma-separated real,simulated,train (default all); curation --rows: "
+                   "finalize (default) or plan")
     b.add_argument("--check", action="store_true",
                    help="memory: the planner's predicted peak against the engine's on shapes outside its calibration")
     b.add_argument("--capped", action="store_true",

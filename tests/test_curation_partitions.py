@@ -100,3 +100,33 @@ def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
     assert "| 6,000 | 3 | 4 | 2 | 2 |" in table and "| 600 / 600 | 0 |" in table
     assert f"| 6,000 | 3 | {exact['rows_per_partition_max']:,} |" in table
     assert f"| {exact['planted']:,} / {exact['planted']:,} | 0 |" in table
+
+
+def test_plan_bench_runs_the_pipeline_planner_and_dedup_on_a_generated_url_list():
+    from sigscale.curation.bench import render_plan_markdown, run_plan_bench
+
+    result = run_plan_bench(12000, rows_per_file=5000, rows_per_part=4000, rows_per_dedup_partition=5000)
+    assert (result["files"], result["parts"], result["partitions"], result["dedup"]["tasks"]) == (3, 3, 3, 3)
+    # Copies of originals in other files and parts, some respaced: all caught by the pipeline's own dedup.
+    assert 400 < result["planted"] == result["caught"] and result["false_drops"] == 0
+    assert result["plan"]["peak_rss_mib_max"] > 0 and result["dedup"]["rows_per_second"] > 0
+    table = render_plan_markdown([result], "sigscale bench curation --rows 12000 --sections plan")
+    assert f"| 12,000 | 3 | 3 | 3 | {result['plan']['peak_rss_mib_max']} |" in table
+    assert f"| {result['planted']:,} / {result['planted']:,} | 0 |" in table
+
+
+def test_a_quadratic_near_duplicate_search_is_announced_with_its_fix(capsys):
+    from sigscale.curation.config import load_curation_config
+    from sigscale.curation.partitions import chance_pairs
+    from sigscale.curation.pipeline import _warn_quadratic_near
+
+    # h = 3: four 16-bit bands, each pair of rows shares one with probability 4 / 2^16.
+    assert chance_pairs(20_000_000, 3) == pytest.approx(4 * 20e6 ** 2 / 2 ** 17)
+    assert chance_pairs(1000, 64) == pytest.approx(1000 ** 2 / 2)  # one band of no bits: every pair
+    cfg = load_curation_config("default", ["input.path=x", "output.dir=y"])  # phash_threshold 8: 7-bit bands
+    _warn_quadratic_near(cfg, 100_000)
+    assert capsys.readouterr().out == ""  # 3.5e8 pairs: minutes
+    _warn_quadratic_near(cfg, 10_000_000)
+    out = capsys.readouterr().out
+    assert "near-duplicates at image.phash_threshold=8 over 10,000,000 candidates compare at least 3.5e+12" in out
+    assert "lower image.phash_threshold (3: 16-bit bands" in out
