@@ -48,9 +48,9 @@ from sigscale.curation.config import CurationConfig, CurationError
 from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE
 from sigscale.curation.pipeline import (BALANCE, DONE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE,
                                         OUTCOMES, PLAN, SAMPLES, SAMPLES_PER_REASON, Part, _finished_parts, _flat,
-                                        _part_dir, _prepared, _sum_counts, _task_index, _write_json, near_partition,
-                                        plan_parts, prepare_finalize, reasons_by_language, run_part, run_tasks,
-                                        scatter_part, short_side_histogram)
+                                        _part_dir, _prepared, _sum_counts, _task_index, _write_json, local_pool,
+                                        near_partition, plan_parts, prepare_finalize, reasons_by_language, run_part,
+                                        run_tasks, scatter_part, short_side_histogram)
 from sigscale.curation.report import write_report
 from sigscale.curation.text_filters import merge_language_outcomes
 
@@ -318,8 +318,13 @@ def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> None:
     progress = Progress("curate: finalize", sum(len(s) for s in steps),
                         "steps done (prepare, scatter per part, near per partition, then score/count/decide/write "
                         "per part)")
-    for calls in steps:
-        run_tasks(calls, cfg.output.local_processes, progress.update)
+    pool = local_pool(cfg.output.local_processes)  # started once: each spawn imports pandas and pyarrow again
+    try:
+        for calls in steps:
+            run_tasks(calls, pool, progress.update)
+    finally:
+        if pool:
+            pool.shutdown()
     progress.close()
 
 

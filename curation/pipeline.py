@@ -228,28 +228,39 @@ class _InputWriters:
 
 
 def _planned(cfg: CurationConfig, plan: dict, dedup: bool) -> List[Part]:
-    if dedup:
-        run_tasks([(dedup_partition, (cfg, k)) for k in range(plan["dedup_partitions"])], cfg.output.local_processes)
+    todo = [k for k in range(plan["dedup_partitions"]) if not (cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet").is_file()]
+    if dedup and todo:
+        pool = local_pool(min(cfg.output.local_processes, len(todo)))
+        try:
+            run_tasks([(dedup_partition, (cfg, k)) for k in todo], pool)
+        finally:
+            if pool:
+                pool.shutdown()
     return _parts_from(plan)
 
 
 Call = Tuple[Callable[..., object], tuple]
 
 
-def run_tasks(calls: Sequence[Call], processes: int, done: Optional[Callable[[], None]] = None) -> None:
-    """Run independent tasks of one step here: in turn, or over ``processes`` fresh processes (spawned: no
-    state forked from this one). Each task writes its own output; the first failure is raised."""
-    if processes <= 1 or len(calls) <= 1:
+def local_pool(processes: int) -> Optional[ProcessPoolExecutor]:
+    """``processes`` spawned worker processes for :func:`run_tasks` (no state forked from this one); None for 1."""
+    return ProcessPoolExecutor(processes, mp_context=get_context("spawn")) if processes > 1 else None
+
+
+def run_tasks(calls: Sequence[Call], pool: Optional[ProcessPoolExecutor] = None,
+              done: Optional[Callable[[], None]] = None) -> None:
+    """Run the independent tasks of one step: here, in turn, or over ``pool``'s processes. Each task writes its
+    own output; the first failure is raised."""
+    if pool is None or len(calls) <= 1:
         for fn, args in calls:
             fn(*args)
             if done:
                 done()
         return
-    with ProcessPoolExecutor(min(processes, len(calls)), mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(fn, *args) for fn, args in calls]):
-            future.result()
-            if done:
-                done()
+    for future in as_completed([pool.submit(fn, *args) for fn, args in calls]):
+        future.result()
+        if done:
+            done()
 
 
 def dedup_partition(cfg: CurationConfig, k: int) -> Path:

@@ -105,13 +105,13 @@ def test_finalize_bench_runs_each_task_in_its_own_process_and_reports_recall():
 def test_plan_bench_runs_the_pipeline_planner_and_dedup_on_a_generated_url_list():
     from sigscale.curation.bench import render_plan_markdown, run_plan_bench
 
-    result = run_plan_bench(12000, rows_per_file=5000, rows_per_part=4000, rows_per_dedup_partition=5000)
-    assert (result["files"], result["parts"], result["partitions"], result["dedup"]["tasks"]) == (3, 3, 3, 3)
+    result = run_plan_bench(12000, rows_per_file=7000, rows_per_part=4000, rows_per_dedup_partition=6000)
+    assert (result["files"], result["parts"], result["partitions"], result["dedup"]["tasks"]) == (2, 3, 2, 2)
     # Copies of originals in other files and parts, some respaced: all caught by the pipeline's own dedup.
     assert 400 < result["planted"] == result["caught"] and result["false_drops"] == 0
     assert result["plan"]["peak_rss_mib_max"] > 0 and result["dedup"]["rows_per_second"] > 0
     table = render_plan_markdown([result], "sigscale bench curation --rows 12000 --sections plan")
-    assert f"| 12,000 | 3 | 3 | 3 | {result['plan']['peak_rss_mib_max']} |" in table
+    assert f"| 12,000 | 2 | 3 | 2 | {result['plan']['peak_rss_mib_max']} |" in table
     assert f"| {result['planted']:,} / {result['planted']:,} | 0 |" in table
 
 
