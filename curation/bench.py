@@ -220,22 +220,22 @@ def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[n
 
 
 def _keys_task(folder: str, writer: int, start: int, n: int, partitions: int, fraction: float, seed: int) -> dict:
-    """The plan's share of one part: its rows' pair keys, one file per key partition (k1 mod P, as the plan)."""
+    """The plan's share of one part: its rows' pair keys into the key partitions, by the planner's own writer."""
+    from sigscale.curation.pipeline import PairKeyWriters
+
     t0 = time.perf_counter()
     k1, k2, _ = planted_pair_keys(start, n, fraction, seed)
-    rows = np.arange(start, start + n, dtype=np.int64)
-    bucket = k1 % np.uint64(partitions)
-    for k in range(partitions):
-        mine = bucket == k
-        pd.DataFrame({"row": rows[mine], "k1": k1[mine], "k2": k2[mine]}).to_parquet(
-            Path(folder) / "keys" / f"p{k:05d}-w{writer:05d}.parquet", index=False)
+    out = Path(folder) / "keys" / f"w{writer:05d}"
+    out.mkdir()
+    with PairKeyWriters(out, partitions) as keys:
+        keys.write(np.arange(start, start + n, dtype=np.int64), k1, k2)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
 
 
 def _dedup_task(folder: str, k: int) -> dict:
     """One key partition: the later copies among its keys (the pipeline's later_copies), written to exact/."""
     t0 = time.perf_counter()
-    keys = pd.concat([pd.read_parquet(p) for p in sorted((Path(folder) / "keys").glob(f"p{k:05d}-*.parquet"))])
+    keys = pd.concat([pd.read_parquet(p) for p in sorted((Path(folder) / "keys").glob(f"w*/keys-{k:05d}.parquet"))])
     rows = keys["row"].to_numpy(np.int64)
     later = later_copies(rows, keys["k1"].to_numpy(np.uint64), keys["k2"].to_numpy(np.uint64))
     pd.DataFrame({"row": rows[later]}).to_parquet(Path(folder) / "exact" / f"p{k:05d}.parquet", index=False)

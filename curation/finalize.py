@@ -318,13 +318,9 @@ def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> None:
     progress = Progress("curate: finalize", sum(len(s) for s in steps),
                         "steps done (prepare, scatter per part, near per partition, then score/count/decide/write "
                         "per part)")
-    pool = local_pool(cfg.output.local_processes)  # started once: each spawn imports pandas and pyarrow again
-    try:
+    with local_pool(cfg.output.local_processes) as pool:  # started once: each spawn imports pandas and pyarrow
         for calls in steps:
             run_tasks(calls, pool, progress.update)
-    finally:
-        if pool:
-            pool.shutdown()
     progress.close()
 
 

@@ -24,8 +24,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,8 @@ from sigscale.curation.config import CurationConfig, CurationError, part_config_
 from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
-from sigscale.curation.partitions import PAIRS_PER_SECOND, PARTITION_REASONS, chance_pairs, partition_drops, scatter
+from sigscale.curation.partitions import (PAIRS_PER_SECOND, PARTITION_REASONS, band_layout, chance_pairs,
+                                         partition_drops, scatter)
 from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_url_list, list_files
 from sigscale.curation.text_filters import (CLEANED, DUPLICATE_URL_CAPTION, TEXT_REASONS, cleaned_counts, filter_text,
                                            language_outcomes, later_copies, normalize_rows, pair_keys)
@@ -129,17 +131,16 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
     by_language: List[Dict[str, Dict[str, int]]] = []
     n = dropped = 0
     drops_path = work / "plan_drops.parquet"
-    with _KeyWriters(work / DEDUP_DIR, buckets) as keys, pq.ParquetWriter(drops_path, _DROPS) as drop_writer, \
+    with PairKeyWriters(work / DEDUP_DIR, buckets) as keys, pq.ParquetWriter(drops_path, _DROPS) as drop_writer, \
             _InputWriters(work / "inputs", step) as inputs:
         for batch in iter_url_list(cfg.input):
             cleaned.update(cleaned_counts(batch["caption"]))
             reason = normalize_rows(batch)
             bad = batch[reason.notna()]
-            drop_writer.write_table(pa.table({"row": bad["row"].to_numpy(np.int64),
-                                              "reason": reason[reason.notna()].to_numpy(object)}, schema=_DROPS))
+            drops = pd.DataFrame({"row": bad["row"].to_numpy(np.int64), "reason": reason[reason.notna()].to_numpy(object)})
+            drop_writer.write_table(pa.Table.from_pandas(drops, _DROPS, preserve_index=False))
             declared = pd.Series([declared_code(x) for x in bad["declared_language"]], index=bad["row"].to_numpy())
-            by_language.append(reasons_by_language(pd.DataFrame({"row": bad["row"], "reason": reason[reason.notna()]}),
-                                                   declared))
+            by_language.append(reasons_by_language(drops, declared))
             dropped += len(bad)
             valid = batch[reason.isna()]
             keys.write(valid["row"].to_numpy(np.int64), *pair_keys(valid))
@@ -156,7 +157,7 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
     return _planned(cfg, plan, dedup)
 
 
-class _KeyWriters:
+class PairKeyWriters:
     """One parquet file of (row, k1, k2) per exact-duplicate partition, appended batch by batch."""
 
     SCHEMA = pa.schema([("row", pa.int64()), ("k1", pa.uint64()), ("k2", pa.uint64())])
@@ -171,7 +172,7 @@ class _KeyWriters:
             mine = bucket == k
             writer.write_table(pa.table({"row": rows[mine], "k1": k1[mine], "k2": k2[mine]}, schema=self.SCHEMA))
 
-    def __enter__(self) -> "_KeyWriters":
+    def __enter__(self) -> "PairKeyWriters":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -228,23 +229,24 @@ class _InputWriters:
 
 
 def _planned(cfg: CurationConfig, plan: dict, dedup: bool) -> List[Part]:
-    todo = [k for k in range(plan["dedup_partitions"]) if not (cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet").is_file()]
-    if dedup and todo:
-        pool = local_pool(min(cfg.output.local_processes, len(todo)))
-        try:
-            run_tasks([(dedup_partition, (cfg, k)) for k in todo], pool)
-        finally:
-            if pool:
-                pool.shutdown()
+    if dedup:
+        with local_pool(min(cfg.output.local_processes, plan["dedup_partitions"])) as pool:
+            run_tasks([(dedup_partition, (cfg, k)) for k in range(plan["dedup_partitions"])], pool)
     return _parts_from(plan)
 
 
 Call = Tuple[Callable[..., object], tuple]
 
 
-def local_pool(processes: int) -> Optional[ProcessPoolExecutor]:
-    """``processes`` spawned worker processes for :func:`run_tasks` (no state forked from this one); None for 1."""
-    return ProcessPoolExecutor(processes, mp_context=get_context("spawn")) if processes > 1 else None
+@contextmanager
+def local_pool(processes: int) -> Iterator[Optional[ProcessPoolExecutor]]:
+    """``processes`` spawned worker processes for :func:`run_tasks` (no state forked from this one), shut down on
+    exit; None for 1 (the tasks then run here)."""
+    if processes <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        yield pool
 
 
 def run_tasks(calls: Sequence[Call], pool: Optional[ProcessPoolExecutor] = None,
@@ -267,7 +269,7 @@ def dedup_partition(cfg: CurationConfig, k: int) -> Path:
     """Exact (url, caption) duplicates among one partition of the pair keys: every copy but the smallest
     row, as work/dedup/drops-NNNNN.parquet (skipped when done). Holds one partition's keys (24 bytes a row) and
     their sort: ~120 bytes a row at peak (`sigscale bench curation --sections plan`)."""
-    plan = json.loads(_need_plan(cfg).read_text())
+    plan = _plan(cfg)
     k = _task_index(k, plan["dedup_partitions"], "dedup", "--dedup")
     out = cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet"
     if not out.is_file():
@@ -281,7 +283,7 @@ def dedup_partition(cfg: CurationConfig, k: int) -> Path:
 
 def _duplicates_in(cfg: CurationConfig, part: Part) -> np.ndarray:
     """Rows of ``part`` that repeat a smaller row's (url, caption), from every dedup partition's drops."""
-    plan = json.loads(_need_plan(cfg).read_text())
+    plan = _plan(cfg)
     paths = [cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet" for k in range(plan["dedup_partitions"])]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -453,7 +455,8 @@ def _warn_quadratic_near(cfg: CurationConfig, candidates: int) -> None:
     hours = pairs / PAIRS_PER_SECOND / 3600
     if hours > 1:
         print(f"curate: warning: near-duplicates at image.phash_threshold={h} over {candidates:,} candidates compare "
-              f"at least {pairs:.2g} chance pairs (quadratic in rows: its {64 // (h + 1)}-bit pHash bands), about "
+              f"at least {pairs:.2g} chance pairs (quadratic in rows: its {min(w for _, w in band_layout(h))}-bit pHash "
+              "bands), about "
               f"{hours:,.0f} CPU-hour(s); lower image.phash_threshold (3: 16-bit bands, fine to ~2M candidates; "
               "1: 32-bit bands, far beyond) or set it to -1", flush=True)
 
@@ -510,16 +513,17 @@ def _task_index(index: int, count: int, step: str, flag: str = "--task") -> int:
     return index
 
 
-def _need_plan(cfg: CurationConfig) -> Path:
+def _plan(cfg: CurationConfig) -> dict:
+    """plan.json, or a CurationError that says to plan first."""
     plan_path = cfg.work_dir / PLAN
     if not plan_path.is_file():
         raise CurationError(f"no {PLAN} in {cfg.work_dir}; run `sigscale curate` (it plans and runs the parts) first")
-    return plan_path
+    return json.loads(plan_path.read_text())
 
 
 def _finished_parts(cfg: CurationConfig) -> List[Part]:
     """The planned parts, once every one of them is finished; else a CurationError that says what to run."""
-    parts = _parts_from(json.loads(_need_plan(cfg).read_text()))
+    parts = _parts_from(_plan(cfg))
     missing = [p.name for p in parts if not (_part_dir(cfg, p) / DONE).is_file()]
     if missing:
         raise CurationError(
