@@ -114,7 +114,8 @@ def filter_accuracy(truth: pd.DataFrame, reason: pd.Series, language_id: dict) -
         "broken_with_expected_reason": int((broken & (reason == truth["expect"])).sum()),
         "language_id": {"captions": sum(e["rows"] for e in language_id.values()),
                         "dropped": sum(e["dropped_language"] for e in language_id.values()),
-                        "mislabelled": sum(e["mismatched"] for e in language_id.values())},
+                        "mislabelled": sum(e["mismatched"] for e in language_id.values()),
+                        "undetermined": sum(e["undetermined"] for e in language_id.values())},
     }
 
 
@@ -140,7 +141,8 @@ def render_curation_markdown(r: dict, command: str) -> str:
               f"| broken URLs dropped with their expected reason | {r['broken_with_expected_reason']:,} of "
               f"{r['broken_urls']:,} |",
               f"| language ID: captions dropped for language / kept under another language | {lang['dropped']} / "
-              f"{lang['mislabelled']} of {lang['captions']:,} ({100 * wrong / max(1, lang['captions']):.2f}%) |",
+              f"{lang['mislabelled']} of {lang['captions']:,} ({100 * wrong / max(1, lang['captions']):.2f}%); "
+              f"{lang['undetermined']} kept undetermined |",
               f"| drops by reason | {', '.join(f'{k} {v}' for k, v in r['dropped'].items())} |"]
     return "\n".join(lines) + "\n"
 
@@ -229,7 +231,7 @@ def _keys_task(folder: str, writer: int, start: int, n: int, partitions: int, fr
     out.mkdir()
     with PairKeyWriters(out, partitions) as keys:
         keys.write(np.arange(start, start + n, dtype=np.int64), k1, k2)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 def _dedup_task(folder: str, k: int) -> dict:
@@ -239,10 +241,10 @@ def _dedup_task(folder: str, k: int) -> dict:
     rows = keys["row"].to_numpy(np.int64)
     later = later_copies(rows, keys["k1"].to_numpy(np.uint64), keys["k2"].to_numpy(np.uint64))
     pd.DataFrame({"row": rows[later]}).to_parquet(Path(folder) / "exact" / f"p{k:05d}.parquet", index=False)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "rows": len(rows)}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "rows": len(rows)}
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """This process's peak resident set (ru_maxrss, KiB on Linux) in MiB: glibc malloc, freed memory included."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -253,7 +255,7 @@ def _scatter_task(folder: str, writer: int, start: int, n: int, partitions: int,
     t0 = time.perf_counter()
     frame, _ = planted_candidates(start, n, near_fraction, seed, threshold)
     copies = scatter(frame, Path(folder) / "bands", writer, partitions, threshold)
-    return {"rows": n, "copies": copies, "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+    return {"rows": n, "copies": copies, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 def _near_task(folder: str, k: int, threshold: int) -> dict:
@@ -261,7 +263,7 @@ def _near_task(folder: str, k: int, threshold: int) -> dict:
     t0 = time.perf_counter()
     drops = partition_drops(Path(folder) / "bands", k, threshold, THUMB_MAX_DIFF)
     drops.to_parquet(Path(folder) / "drops" / f"p{k:05d}.parquet", index=False)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 LANGUAGES = 20  # synthetic language labels of the balance steps, Zipf-distributed like a web crawl's
@@ -282,7 +284,7 @@ def _count_task(folder: str, writer: int, start: int, n: int, seed: int) -> dict
                                   BALANCE_CAP.seed)
     np.save(Path(folder) / "balance" / f"w{writer:05d}.npy", keys)
     (Path(folder) / "balance" / f"w{writer:05d}.json").write_text(json.dumps(offsets))
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 def _decide_task(folder: str, writer: int, start: int, n: int, writers: int, seed: int) -> dict:
@@ -293,7 +295,7 @@ def _decide_task(folder: str, writer: int, start: int, n: int, writers: int, see
     mapped = [np.load(base / f"w{w:05d}.npy", mmap_mode="r") for w in range(writers)]
     keep = language_keep(np.arange(start, start + n, dtype=np.int64), synthetic_languages(start, n, seed), writer,
                          offsets, mapped, BALANCE_CAP)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "kept": int(keep.sum())}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "kept": int(keep.sum())}
 
 
 def _step(results: List[dict], wall: float, rows: int) -> dict:
@@ -386,7 +388,7 @@ def _plan_task(folder: str, partitions: int, rows_per_part: int) -> dict:
 
     t0 = time.perf_counter()
     parts = plan_parts(_plan_config(folder, partitions, rows_per_part), dedup=False)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "parts": len(parts)}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(parts)}
 
 
 def _plan_config(folder: str, partitions: int, rows_per_part: int):
@@ -403,7 +405,7 @@ def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -
 
     t0 = time.perf_counter()
     out = dedup_partition(_plan_config(folder, partitions, rows_per_part), k)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(),
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
             "dropped": pd.read_parquet(out)["row"].to_numpy(np.int64)}
 
 

@@ -43,7 +43,9 @@ class InputConfig:
 @dataclass
 class TextConfig:
     languages: List[str] = field(default_factory=list)  # allow-list of ISO 639-1 codes; empty: any
-    min_confidence: float = 0.5  # language-ID probability below which a caption is dropped
+    # Language-ID probability below which a caption's language is undetermined: dropped when text.languages
+    # is set, kept as "und" when any language goes.
+    min_confidence: float = 0.5
     language_thresholds: Dict[str, float] = field(default_factory=dict)  # per-language override
     trust_language_col: bool = False  # take input.language_col instead of detecting
     # Prior probability that input.language_col is right, before the caption is read (langid.decide);

@@ -6,6 +6,12 @@ among close languages (Russian "три квадрата синего цвета"
 declared language in the URL list is used as a prior, not a verdict: it holds probability
 ``declared_prior`` and the other languages share the rest evenly, so a caption the model clearly
 reads as another language still goes to that language (the report lists such mismatches).
+
+Below its confidence threshold a caption's language is *undetermined* (:data:`UNDETERMINED`):
+with an allow-list that drops it (it may not be in an allowed language); without one it is kept
+under "und", because three words that py3langid cannot place ("a red triangle": en 0.07, da 0.04,
+sl 0.04 among 97 languages) are still a good caption, and a wrong label would mislead the
+language balance.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import functools
 from typing import Collection, List, Optional, Sequence, Set, Tuple
 
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+UNDETERMINED = "und"  # ISO 639-2 "undetermined"
 
 
 @functools.lru_cache(maxsize=1)

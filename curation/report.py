@@ -6,7 +6,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -52,6 +52,12 @@ def _throughput_rows(stats: dict) -> List[list]:
             ["finalize (merge filters, balance, shards, reports)", t["finalize_seconds"], ""]]
 
 
+def _language_id_rows(stats: dict, example: Callable[[dict], str]) -> List[list]:
+    """The declared-vs-detected table's rows (one per language), examples written by ``example``."""
+    return [[lang, e["rows"], e["kept"], e["undetermined"], e["dropped_language"], e["dropped_other"], e["mismatched"],
+             "; ".join(example(x) for x in e["examples"])] for lang, e in stats.get("language_id", {}).items()]
+
+
 def write_report(stats: dict, out_dir: Path, plots: bool = True, name: str = "curation",
                  samples: Optional[dict] = None) -> Path:
     """Write report.md (PNG plots beside it) and report.html from a stats.json dict; returns report.md's path.
@@ -75,11 +81,9 @@ def write_report(stats: dict, out_dir: Path, plots: bool = True, name: str = "cu
         _table(["language", "after text stage", "final"],
                [[lang, before.get(lang, 0), after.get(lang, 0)] for lang in sorted(set(before) | set(after))]),
         "## Language ID: declared vs detected (text stage)",
-        _table(["language", "rows", "kept", "dropped (language ID)", "dropped (other text)", "kept as another language",
-                "examples (detected, confidence)"],
-               [[lang, e["rows"], e["kept"], e["dropped_language"], e["dropped_other"], e["mismatched"],
-                 "; ".join(f"{x['caption']!r} -> {x['detected']} {x['confidence']}" for x in e["examples"])]
-                for lang, e in stats.get("language_id", {}).items()]),
+        _table(["language", "rows", "kept", "kept undetermined", "dropped (language ID)", "dropped (other text)",
+                "kept as another language", "examples (detected, confidence)"],
+               _language_id_rows(stats, lambda x: f"{x['caption']!r} -> {x['detected']} {x['confidence']}")),
         "## Downloaded images by shorter original side (px)",
         _table(["short side", "images"], [[k, v] for k, v in stats["short_side_histogram"].items()]),
         "## Throughput",
@@ -156,13 +160,12 @@ def _language_sections(stats: dict) -> List[str]:
            "<h2>Drops by reason and language</h2>",
            _html_table(["reason", *langs], [[r, *[c.get(lang, 0) for lang in langs]] for r, c in by_lang.items()]),
            "<h2>Language ID: declared vs detected</h2>",
-           '<p class="muted">Per declared language (detected where none is declared). "Kept as another" is a caption '
+           '<p class="muted">Per declared language (detected where none is declared). "Undetermined" is a caption '
+           'kept without a language (under the confidence threshold, no allow-list); "kept as another" is a caption '
            "the identifier read as another language than the list declares.</p>",
-           _html_table(["language", "rows", "kept", "dropped by language ID", "dropped by other text checks",
-                        "kept as another", "examples (caption → detected, confidence)"],
-                       [[lang, e["rows"], e["kept"], e["dropped_language"], e["dropped_other"], e["mismatched"],
-                         "; ".join(f"{x['caption']} → {x['detected']} {x['confidence']}" for x in e["examples"])]
-                        for lang, e in stats.get("language_id", {}).items()])]
+           _html_table(["language", "rows", "kept", "kept undetermined", "dropped by language ID",
+                        "dropped by other text checks", "kept as another", "examples (caption → detected, confidence)"],
+                       _language_id_rows(stats, lambda x: f"{x['caption']} → {x['detected']} {x['confidence']}"))]
     if stats.get("metadata_balance"):
         out += ["<h2>Concept balance (metadata entries)</h2>",
                 _html_table(["language", "t", "entries", "entries matched", "captions", "matched", "kept",

@@ -11,8 +11,9 @@ py3langid's ``set_languages`` does, and a caption counts as foreign only when th
 languages together hold less than ``FOREIGN_MASS`` of the full model's probability (at 0.05:
 0.1% of allowed captions flagged, 100% of those from excluded languages caught, measured here).
 A declared language column weighs in as a prior (``langid.decide``) and short captions face a
-lower threshold (:func:`confidence_thresholds`); ``sigscale bench langid`` measures both on 20
-languages.
+lower threshold (:func:`confidence_thresholds`); under it a caption is dropped when
+``text.languages`` is set and kept as undetermined ("und") when it is not. ``sigscale bench
+langid`` measures all of it on 20 languages.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from sigscale.curation.config import TextConfig
-from sigscale.curation.langid import declared_code, decide, identifier
+from sigscale.curation.langid import UNDETERMINED, declared_code, decide, identifier
 from sigscale.curation.url_policy import (
     URL_INVALID, URL_PRIVATE, URL_UNRESOLVABLE, UrlPolicy, host_verdict, normalize_host, resolve, split_url,
 )
@@ -214,7 +215,7 @@ def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.Dat
     language = pd.Series(None, index=df.index, dtype=object)
     confidence = pd.Series(np.nan, index=df.index, dtype=np.float64)
     if cfg.trust_language_col:
-        language[todo] = df.loc[todo, "declared_language"].fillna("und")  # ISO 639-2 "undetermined"
+        language[todo] = df.loc[todo, "declared_language"].fillna(UNDETERMINED)
         confidence[todo] = 1.0
         if cfg.languages:
             reason[todo & ~language.isin(cfg.languages)] = LANGUAGE_NOT_ALLOWED
@@ -226,8 +227,11 @@ def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.Dat
         foreign = pd.Series(False, index=df.index)
         foreign[todo] = masses < FOREIGN_MASS
         reason[foreign & reason.isna()] = LANGUAGE_NOT_ALLOWED
-    threshold = confidence_thresholds(language, df["caption"].fillna(""), cfg)
-    reason[(confidence < threshold) & reason.isna()] = LANGUAGE_LOW_CONFIDENCE
+    unsure = (confidence < confidence_thresholds(language, df["caption"].fillna(""), cfg)) & reason.isna()
+    if cfg.languages:
+        reason[unsure] = LANGUAGE_LOW_CONFIDENCE
+    else:
+        language[unsure] = UNDETERMINED  # any language goes: kept, but no language is claimed for it
 
     todo = reason.isna()
     verdicts = host_verdicts(hosts[todo], cfg)
@@ -241,7 +245,8 @@ def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.Dat
 
 def language_outcomes(rows: pd.DataFrame, kept: pd.DataFrame, drops: pd.DataFrame) -> Dict[str, dict]:
     """Per declared language (detected where none is declared, "und" for a drop without one): rows,
-    kept, dropped by language ID, dropped for other text reasons, kept as another language, examples."""
+    kept, kept as undetermined, dropped by language ID, dropped for other text reasons, kept as
+    another language (an undetermined caption does not contradict its declaration), examples."""
     reasons = drops.set_index("row")["reason"]
     detected = kept.set_index("row")[["language", "language_confidence"]]
     out: Dict[str, dict] = {}
@@ -249,14 +254,16 @@ def language_outcomes(rows: pd.DataFrame, kept: pd.DataFrame, drops: pd.DataFram
         code = declared_code(decl)
         found = row in detected.index
         lang = detected.at[row, "language"] if found else None
-        entry = out.setdefault(code or lang or "und", {"rows": 0, "kept": 0, "dropped_language": 0,
-                                                      "dropped_other": 0, "mismatched": 0, "examples": []})
+        entry = out.setdefault(code or lang or UNDETERMINED, {
+            "rows": 0, "kept": 0, "undetermined": 0, "dropped_language": 0, "dropped_other": 0, "mismatched": 0,
+            "examples": []})
         entry["rows"] += 1
         if not found:
             entry["dropped_language" if reasons.get(row) in LANGUAGE_REASONS else "dropped_other"] += 1
             continue
         entry["kept"] += 1
-        if code is not None and lang != code:
+        entry["undetermined"] += int(lang == UNDETERMINED)
+        if code is not None and lang not in (code, UNDETERMINED):
             entry["mismatched"] += 1
             if len(entry["examples"]) < MISMATCH_EXAMPLES:
                 entry["examples"].append({"caption": caption, "declared": code, "detected": lang,

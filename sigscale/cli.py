@@ -236,7 +236,7 @@ def _bench_curation(args: argparse.Namespace) -> int:
 def _bench_langid(args: argparse.Namespace) -> int:
     from sigscale.curation.langid_bench import render_langid_markdown, run_langid_bench
 
-    print(render_langid_markdown(run_langid_bench(args.out or "bench_results/langid.json")))
+    print(render_langid_markdown(run_langid_bench(args.out or "bench_results/langid.json", peer=args.peer)))
     return 0
 
 
@@ -301,6 +301,8 @@ def _bench_arguments(b: argparse.ArgumentParser) -> None:
                    "synthetic metadata, e.g. 1000000,4000000 (without it: the loopback end-to-end bench)")
     b.add_argument("--phash-threshold", type=int, help="curation --rows: pHash Hamming threshold (default 3)")
     b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
+    b.add_argument("--peer", help="langid: also compare this identifier's top-1 accuracy and speed (lingua; "
+                   "needs `pip install lingua-language-detector`)")
     b.add_argument("--config", help="train/memory: experiment config of the towers (default small)")
     b.add_argument("--steps", type=int, help="train/memory: optimizer steps per run")
     b.add_argument("--strategies",
