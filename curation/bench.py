@@ -30,7 +30,7 @@ from sigscale.curation.assemble import language_keep, language_keys
 from sigscale.curation.balance import target_counts
 from sigscale.curation.config import BalanceConfig
 from sigscale.curation.image_filters import THUMB
-from sigscale.curation.partitions import band_layout, partition_drops, scatter
+from sigscale.curation.partitions import band_layout, chance_pairs, partition_drops, scatter
 from sigscale.curation.text_filters import later_copies
 
 THUMB_BYTES = THUMB * THUMB * 3
@@ -260,10 +260,10 @@ def _scatter_task(folder: str, writer: int, start: int, n: int, partitions: int,
 
 def _near_task(folder: str, k: int, threshold: int) -> dict:
     """One partition: its near-duplicate drops, written to drops/."""
-    t0 = time.perf_counter()
-    drops = partition_drops(Path(folder) / "bands", k, threshold, THUMB_MAX_DIFF)
+    t0, counts = time.perf_counter(), {}
+    drops = partition_drops(Path(folder) / "bands", k, threshold, THUMB_MAX_DIFF, counts=counts)
     drops.to_parquet(Path(folder) / "drops" / f"p{k:05d}.parquet", index=False)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), **counts}
 
 
 LANGUAGES = 20  # synthetic language labels of the balance steps, Zipf-distributed like a web crawl's
@@ -340,6 +340,8 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
             "balance_kept": sum(r["kept"] for r in decided),
             "balance_target": sum(target_counts(dict(languages), BALANCE_CAP).values()),
             "rows_per_second": round(rows / (t2 - t0), 1), "planted": len(planted),
+            "near_pairs": sum(r["pairs"] for r in near), "chance_pairs": round(chance_pairs(rows, threshold)),
+            "near_pairs_per_task_second": round(sum(r["pairs"] for r in near) / sum(r["seconds"] for r in near)),
             "caught": int(np.isin(planted, dropped).sum()), "false_drops": int((~np.isin(dropped, planted)).sum())}
 
 
@@ -480,4 +482,10 @@ def render_finalize_markdown(results: List[dict], command: str) -> str:
                      f"| {r['rows_per_second']:,} | {r['caught']:,} / {r['planted']:,} | {r['false_drops']} "
                      f"| {r['balance_count']['peak_rss_mib_max']} | {r['balance_decide']['peak_rss_mib_max']} "
                      f"| {_rate(r):,} | {r['balance_kept']:,} / {r['balance_target']:,} |")
+    lines += ["", "What the near tasks' time goes into: pairs of rows sharing a band value, each compared:", "",
+              "| rows | pHash h | pairs compared | chance_pairs() predicts | pairs per task-second | near task-seconds |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['phash_threshold']} | {r['near_pairs']:.3g} | {r['chance_pairs']:.3g} "
+                     f"| {r['near_pairs_per_task_second']:.3g} | {r['near_pairs'] / r['near_pairs_per_task_second']:,.0f} |")
     return "\n".join(lines) + "\n"

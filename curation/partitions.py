@@ -20,7 +20,7 @@ grows with N, down to one band group (N / 2^⌊64/(h+1)⌋ rows) as the floor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -57,9 +57,10 @@ def partition_of(band: int, values: np.ndarray, partitions: int) -> np.ndarray:
     return (row_uniforms(key, _PARTITION_SEED) * partitions).astype(np.int64)
 
 
-# Candidate pairs one near task verifies per second on one CPU core: 20M uniform pHashes at h = 3 give 1.2e10
-# pairs over 80 tasks, and a task took ~180 s (a stopped `sigscale bench curation --rows 20000000`, BENCHMARKS.md).
-PAIRS_PER_SECOND = 8e5
+# Candidate pairs one near task compares per second on one CPU core, measured: 2.8e8 at h = 8 (300k rows,
+# groups of ~2,300 copies compared as tiles; `sigscale bench curation --rows 300000 --phash-threshold 8`,
+# BENCHMARKS.md). Groups under TILE_GROUP copies pair one by one, at about a quarter of that.
+PAIRS_PER_SECOND = 2.8e8
 
 
 def chance_pairs(rows: int, threshold: int) -> float:
@@ -67,6 +68,11 @@ def chance_pairs(rows: int, threshold: int) -> float:
     (bands) · N² / 2^(width+1). Quadratic in N: real pHashes, which cluster, give more, never fewer."""
     layout = band_layout(threshold)
     return len(layout) * float(rows) ** 2 / 2.0 ** (min(w for _, w in layout) + 1)
+
+
+def rows_per_cpu_hour(threshold: int) -> float:
+    """Candidates whose chance pairs at ``threshold`` take one CPU-hour of near tasks (the inverse of the above)."""
+    return (3600 * PAIRS_PER_SECOND / chance_pairs(1, threshold)) ** 0.5
 
 
 def partition_dir(folder: Path, k: int) -> Path:
@@ -114,13 +120,24 @@ def _read_arrow(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
-def _gather_thumbs(folder: Path, writers: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Thumbnails of the given (writer, index) copies, read from the writers' mapped files (only those pages)."""
-    out = np.empty((len(writers), THUMB_BYTES), np.uint8)
-    for w in np.unique(writers):
-        mine = writers == w
-        out[mine] = thumb_matrix(_read_arrow(thumbs_path(folder, int(w))).column("thumb"))[index[mine]]
-    return out
+class _Thumbs:
+    """The writers' colour thumbnails, each file mapped once per task; a gather reads only the pages it needs."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.mapped = Path(folder), {}
+
+    def _matrix(self, writer: int) -> np.ndarray:
+        if writer not in self.mapped:
+            self.mapped[writer] = thumb_matrix(_read_arrow(thumbs_path(self.folder, writer)).column("thumb"))
+        return self.mapped[writer]
+
+    def gather(self, writers: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Thumbnails of the given (writer, index) copies."""
+        out = np.empty((len(writers), THUMB_BYTES), np.uint8)
+        for w in np.unique(writers).tolist():
+            mine = writers == w
+            out[mine] = self._matrix(w)[index[mine]]
+        return out
 
 
 def _fixed_binary(matrix: np.ndarray) -> pa.Array:
@@ -130,8 +147,8 @@ def _fixed_binary(matrix: np.ndarray) -> pa.Array:
 
 def thumb_matrix(column) -> np.ndarray:
     """Colour thumbnails as an (n, THUMB_BYTES) uint8 matrix, from bytes objects or an Arrow binary column."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+    if isinstance(column, pa.ChunkedArray):  # one chunk per file written here: a view, not a copy
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if isinstance(column, pa.FixedSizeBinaryArray):
         data = np.frombuffer(column.buffers()[1], np.uint8) if len(column) else np.zeros(0, np.uint8)
         start = column.offset * THUMB_BYTES
@@ -162,10 +179,47 @@ def _group_pairs(ends: np.ndarray, block: int) -> Iterator[Tuple[np.ndarray, np.
         start = stop
 
 
+# A group of this many copies or more is compared as tiles of its sorted pHashes (contiguous XORs,
+# ~10x the pairs/s of listing each pair); smaller ones, the many groups of wide bands, pair by pair.
+TILE_GROUP = 64
+TILE_ROWS = 512
+
+
+def _close_pairs_sorted(hashes: np.ndarray, ends: np.ndarray, threshold: int,
+                        block: int) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+    """(p, q, pairs compared) for positions p < q of one group of the sorted ``hashes`` within ``threshold``."""
+    sizes = ends - np.arange(len(ends))
+    starts = np.flatnonzero(np.r_[True, ends[1:] != ends[:-1]]) if len(ends) else np.zeros(0, np.int64)
+    big = starts[sizes[starts] >= TILE_GROUP]
+    small_ends = ends.copy()
+    for a in big.tolist():  # their pairs come from the tiles below
+        small_ends[a:ends[a]] = np.arange(a, ends[a]) + 1
+    for p, q in _group_pairs(small_ends, block):
+        close = np.bitwise_count(hashes[p] ^ hashes[q]) <= threshold
+        yield p[close], q[close], len(p)
+    cols = max(TILE_ROWS, block // TILE_ROWS)
+    for a in big.tolist():
+        b = int(ends[a])
+        for s in range(a, b, TILE_ROWS):
+            e = min(s + TILE_ROWS, b)
+            for t in range(s, b, cols):
+                u = min(t + cols, b)
+                close = np.bitwise_count(hashes[s:e, None] ^ hashes[None, t:u]) <= threshold
+                if t == s:  # the tile on the diagonal: only q > p (each pair once, no row with itself)
+                    close = np.triu(close, 1)
+                hit = np.flatnonzero(close.any(axis=1))  # few rows have a close pair: nonzero on those only
+                pi, qi = np.nonzero(close[hit])
+                yield hit[pi] + s, qi + t, 0
+        yield np.zeros(0, np.int64), np.zeros(0, np.int64), (b - a) * (b - a - 1) // 2
+
+
 def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
                     eval_set: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-                    block: int = PAIRS_PER_BLOCK) -> pd.DataFrame:
-    """Rows of partition k dropped as eval duplicates or near-duplicates (columns row, reason); see module doc."""
+                    block: int = PAIRS_PER_BLOCK, counts: Optional[Dict[str, int]] = None) -> pd.DataFrame:
+    """Rows of partition k dropped as eval duplicates or near-duplicates (columns row, reason); see module doc.
+
+    ``counts``, if given, receives the band copies read, the pairs compared (sharing a band value) and
+    the pairs within the threshold whose thumbnails were compared: what the task's time goes into."""
     files = sorted(partition_dir(folder, k).glob("w*.arrow"))
     table = pa.concat_tables([_read_arrow(f) for f in files]) if files else None
 
@@ -175,24 +229,31 @@ def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
     band, value, row, hashes = column("band", np.int64), column("value", np.int64), column("row", np.int64), \
         column("phash", np.uint64)
     writer, index = column("writer", np.int64), column("index", np.int64)
+    thumbs = _Thumbs(folder)
     eval_hit = np.zeros(len(row), dtype=bool)
     if eval_set is not None and len(row):
         i, j = close_pairs(hashes, eval_set[0], max(threshold, 0))
-        ok = same_colours(_gather_thumbs(folder, writer[i], index[i]), eval_set[1], np.arange(len(i)), j,
+        ok = same_colours(thumbs.gather(writer[i], index[i]), eval_set[1], np.arange(len(i)), j,
                           thumb_max_diff)
         eval_hit[i[ok]] = True
     out = [pd.DataFrame({"row": row[eval_hit], "reason": EVAL_DUPLICATE})]
+    tally = {"copies": len(row), "pairs": 0, "close_pairs": 0}
     if threshold >= 0:
         alive = np.flatnonzero(~eval_hit)
         order = alive[np.lexsort((row[alive], value[alive], band[alive]))]
         ends = _group_ends(band[order], value[order])
-        rows = row[order]
-        for p, q in _group_pairs(ends, block):
+        rows, near = row[order], []
+        for p, q, compared in _close_pairs_sorted(hashes[order], ends, threshold, block):
             i, j = order[p], order[q]  # rows ascend inside a group: rows[q] > rows[p]
-            close = np.bitwise_count(hashes[i] ^ hashes[j]) <= threshold
-            i, j, q = i[close], j[close], q[close]
+            tally["pairs"] += compared
+            tally["close_pairs"] += len(i)
+            if not len(i):
+                continue
             pair = np.arange(len(i))
-            same = same_colours(_gather_thumbs(folder, writer[i], index[i]), _gather_thumbs(folder, writer[j], index[j]),
-                                pair, pair, thumb_max_diff)
-            out.append(pd.DataFrame({"row": rows[q[same]], "reason": NEAR_DUPLICATE}))
+            same = same_colours(thumbs.gather(writer[i], index[i]), thumbs.gather(writer[j], index[j]), pair, pair,
+                                thumb_max_diff)
+            near.append(rows[q[same]])
+        out.append(pd.DataFrame({"row": np.concatenate(near or [np.zeros(0, np.int64)]), "reason": NEAR_DUPLICATE}))
+    if counts is not None:
+        counts.update(tally)
     return pd.concat(out, ignore_index=True).drop_duplicates("row").sort_values("row", ignore_index=True)

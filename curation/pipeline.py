@@ -40,7 +40,7 @@ from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
 from sigscale.curation.partitions import (PAIRS_PER_SECOND, PARTITION_REASONS, band_layout, chance_pairs,
-                                         partition_drops, scatter)
+                                         partition_drops, rows_per_cpu_hour, scatter)
 from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_url_list, list_files
 from sigscale.curation.text_filters import (CLEANED, DUPLICATE_URL_CAPTION, TEXT_REASONS, cleaned_counts, filter_text,
                                            language_outcomes, later_copies, normalize_rows, pair_keys)
@@ -449,16 +449,17 @@ def prepare_finalize(cfg: CurationConfig) -> Path:
 
 
 def _warn_quadratic_near(cfg: CurationConfig, candidates: int) -> None:
-    """Say so before the near-duplicate search compares more chance pairs than runs in about an hour."""
+    """Say so before the near-duplicate search compares more chance pairs than run in about a CPU-hour."""
     h = cfg.image.phash_threshold
     pairs = chance_pairs(candidates, h) if h >= 0 else 0.0
     hours = pairs / PAIRS_PER_SECOND / 3600
     if hours > 1:
+        lower = "; ".join(f"{t}: {min(w for _, w in band_layout(t))}-bit bands, a CPU-hour of chance pairs at "
+                          f"~{rows_per_cpu_hour(t):.2g} candidates" for t in (3, 1) if t < h)
         print(f"curate: warning: near-duplicates at image.phash_threshold={h} over {candidates:,} candidates compare "
               f"at least {pairs:.2g} chance pairs (quadratic in rows: its {min(w for _, w in band_layout(h))}-bit pHash "
-              "bands), about "
-              f"{hours:,.0f} CPU-hour(s); lower image.phash_threshold (3: 16-bit bands, fine to ~2M candidates; "
-              "1: 32-bit bands, far beyond) or set it to -1", flush=True)
+              f"bands), about {hours:,.1f} CPU-hour(s) over the near tasks; give them more tasks "
+              f"(output.finalize_partitions), or lower image.phash_threshold ({lower}), or set it to -1", flush=True)
 
 
 def _prepared(cfg: CurationConfig) -> Path:

@@ -3,7 +3,6 @@
 Read with ``ast`` (nothing is executed), so imports inside function bodies count like any other.
 """
 import ast
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Set
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from sigscale.curation.image_filters import contaminated, near_duplicates
-from sigscale.curation.partitions import (EVAL_DUPLICATE, NEAR_DUPLICATE, PAIRS_PER_BLOCK, band_layout, band_values,
-                                          partition_drops, scatter)
+from sigscale.curation.partitions import (EVAL_DUPLICATE, NEAR_DUPLICATE, PAIRS_PER_BLOCK, _close_pairs_sorted,
+                                          band_layout, band_values, partition_drops, scatter)
 from sigscale.curation.bench import planted_candidates, render_finalize_markdown, run_finalize_bench
 
 THRESHOLD, THUMB_DIFF = 8, 3.0
@@ -117,16 +117,42 @@ def test_plan_bench_runs_the_pipeline_planner_and_dedup_on_a_generated_url_list(
 
 def test_a_quadratic_near_duplicate_search_is_announced_with_its_fix(capsys):
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.partitions import chance_pairs
+    from sigscale.curation.partitions import PAIRS_PER_SECOND, chance_pairs
     from sigscale.curation.pipeline import _warn_quadratic_near
 
     # h = 3: four 16-bit bands, each pair of rows shares one with probability 4 / 2^16.
     assert chance_pairs(20_000_000, 3) == pytest.approx(4 * 20e6 ** 2 / 2 ** 17)
     assert chance_pairs(1000, 64) == pytest.approx(1000 ** 2 / 2)  # one band of no bits: every pair
     cfg = load_curation_config("default", ["input.path=x", "output.dir=y"])  # phash_threshold 8: 7-bit bands
-    _warn_quadratic_near(cfg, 100_000)
-    assert capsys.readouterr().out == ""  # 3.5e8 pairs: minutes
+    _warn_quadratic_near(cfg, 1_000_000)
+    assert capsys.readouterr().out == ""  # 3.5e10 pairs: ~2 CPU-minutes
     _warn_quadratic_near(cfg, 10_000_000)
     out = capsys.readouterr().out
     assert "near-duplicates at image.phash_threshold=8 over 10,000,000 candidates compare at least 3.5e+12" in out
-    assert "lower image.phash_threshold (3: 16-bit bands" in out
+    assert "about 3.5 CPU-hour(s)" in out and "more tasks (output.finalize_partitions)" in out
+    # the lower thresholds' reach follows from the same formula: N = sqrt(3600 s * rate * 2^(w+1) / bands)
+    assert f"3: 16-bit bands, a CPU-hour of chance pairs at ~{(3600 * PAIRS_PER_SECOND * 2 ** 17 / 4) ** 0.5:.2g}" in out
+
+
+def test_tiled_and_pairwise_comparison_find_every_close_pair_inside_groups():
+    """Groups from 1 to 1,500 copies (tiles of 512 rows, blocks crossing groups) against every pair checked."""
+    rng = np.random.default_rng(5)
+    sizes = [1, 2, 3, 63, 64, 65, 700, 1500, 5, 1]
+    base = rng.integers(0, 2 ** 63, len(sizes), dtype=np.uint64)
+    # inside a group: the same top 16 bits and a few flipped low bits, so many pairs are close
+    hashes = np.concatenate([(b & np.uint64(0xFFFF << 48)) | rng.integers(0, 2 ** 12, n, dtype=np.uint64)
+                             for b, n in zip(base, sizes)])
+    bounds = np.cumsum([0] + sizes)
+    ends = np.repeat(bounds[1:], sizes)
+    expected, found = set(), set()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for p in range(a, b):
+            d = np.bitwise_count(hashes[p] ^ hashes[p + 1:b])
+            expected |= {(p, int(q)) for q in np.flatnonzero(d <= 5) + p + 1}
+    compared = 0
+    for p, q, n in _close_pairs_sorted(hashes, ends, 5, block=1000):
+        assert (p < q).all() and (ends[p] == ends[q]).all()
+        found |= set(zip(p.tolist(), q.tolist()))
+        compared += n
+    assert found == expected and len(expected) > 10_000
+    assert compared == sum(n * (n - 1) // 2 for n in sizes)

@@ -1,8 +1,6 @@
 """The training stream: rank/worker split without overlap, skips counted, exact resume, hostile input refused."""
 import contextlib
-import io
 import json
-import tarfile
 from collections import Counter
 
 import pytest
