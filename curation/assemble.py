@@ -3,10 +3,11 @@
 A global rule ("keep the top 30% by score", "keep C rows of each language") becomes a per-part
 decision through :func:`kth_smallest`: every part writes the sorted keys of its rows (a score, or a
 seeded per-row uniform from :func:`~sigscale.curation.balance.row_uniforms`) to a ``.npy`` file;
-a task maps all of them and bisects the 64-bit key range for the k-th smallest key K, touching only
-O(64 · parts · log rows) pages. A part then keeps its rows with a key below K and, of the rows equal
-to K, as many as are left after the earlier parts' (parts are contiguous row ranges, so this is
-"ties go to the smaller row id"). Nothing depends on how the rows are cut into parts.
+one task (:func:`cut_at`) maps all of them and bisects the 64-bit key range for the k-th smallest
+key K, touching only O(64 · parts · log rows) pages, and writes K and each part's share of the keys
+equal to K. A part then keeps its rows with a key below K and, of the rows equal to K, its share
+(parts are contiguous row ranges, so this is "ties go to the smaller row id"). Nothing depends on
+how the rows are cut into parts, and a part's task reads one small file, not every part's keys.
 
 Shards are cut from the kept rows in row order at global boundaries (shard s holds kept rows
 s·S .. s·S+S-1), so their contents do not depend on the parts either. The images come from
@@ -95,24 +96,39 @@ def language_keys(rows: np.ndarray, langs: np.ndarray, seed: int) -> Tuple[np.nd
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)), offsets
 
 
-def language_keep(rows: np.ndarray, langs: np.ndarray, index: int, offsets: Sequence[Dict[str, List[int]]],
-                  mapped: Sequence[np.ndarray], cfg: BalanceConfig) -> np.ndarray:
-    """Keep-mask of part ``index``'s rows under cap/temperature balance, from every part's keys and offsets.
+def cut_at(arrays: Sequence[np.ndarray], k: int) -> dict:
+    """The rule "keep the k smallest keys over all parts" as each part applies it: the cutoff key and, per
+    part, how many of the keys equal to it it keeps. Computed once (a single task), read by every part."""
+    cutoff = kth_smallest(arrays, k)
+    return {"k": k, "cutoff": cutoff, "ties": ties_taken(arrays, k, cutoff)}
 
-    The language totals are the parts' summed counts; each language keeps its target-many smallest keys.
-    """
+
+def keep_by_cut(keys: np.ndarray, rows: np.ndarray, cut: dict, index: int) -> np.ndarray:
+    """Keep-mask of part ``index``'s (unsorted) rows under a :func:`cut_at` rule."""
+    return keep_smallest(keys, rows, cut["cutoff"], cut["ties"][index], cut["k"])
+
+
+def language_cuts(offsets: Sequence[Dict[str, List[int]]], mapped: Sequence[np.ndarray],
+                  cfg: BalanceConfig) -> Dict[str, dict]:
+    """Per language over target: the :func:`cut_at` rule keeping its target-many smallest balance keys,
+    from every part's sorted keys and offsets (:func:`language_keys`); the totals are their summed counts."""
     totals: Counter = Counter()
     for off in offsets:
         totals.update({lang: end - start for lang, (start, end) in off.items()})
-    keys = balance_keys(rows, cfg.seed)
-    keep = np.ones(len(rows), dtype=bool)
+    cuts = {}
     for lang, target in sorted(target_counts(dict(totals), cfg).items()):
-        if target >= totals[lang]:
-            continue
-        arrays = [m[slice(*off.get(lang, (0, 0)))] for m, off in zip(mapped, offsets)]
-        cutoff = kth_smallest(arrays, target)
+        if target < totals[lang]:
+            cuts[lang] = cut_at([m[slice(*off.get(lang, (0, 0)))] for m, off in zip(mapped, offsets)], target)
+    return cuts
+
+
+def language_keep(rows: np.ndarray, langs: np.ndarray, index: int, cuts: Dict[str, dict], seed: int) -> np.ndarray:
+    """Keep-mask of part ``index``'s rows under cap/temperature balance: each language's :func:`language_cuts` rule."""
+    keys = balance_keys(rows, seed)
+    keep = np.ones(len(rows), dtype=bool)
+    for lang, cut in cuts.items():
         mine = langs == lang
-        keep[mine] = keep_smallest(keys[mine], rows[mine], cutoff, ties_taken(arrays, target, cutoff)[index], target)
+        keep[mine] = keep_by_cut(keys[mine], rows[mine], cut, index)
     return keep
 
 

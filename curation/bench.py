@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from sigscale.curation.assemble import language_keep, language_keys
+from sigscale.curation.assemble import language_cuts, language_keep, language_keys
 from sigscale.curation.balance import target_counts
 from sigscale.curation.config import BalanceConfig
 from sigscale.curation.image_filters import THUMB
@@ -287,14 +287,22 @@ def _count_task(folder: str, writer: int, start: int, n: int, seed: int) -> dict
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
-def _decide_task(folder: str, writer: int, start: int, n: int, writers: int, seed: int) -> dict:
-    """The balance's decide step of one part: its rows kept, from every part's mapped keys (language_keep)."""
+def _cut_task(folder: str, writers: int) -> dict:
+    """The balance-cut step (one task): every language's rule from all parts' mapped keys (language_cuts)."""
     t0 = time.perf_counter()
     base = Path(folder) / "balance"
     offsets = [json.loads((base / f"w{w:05d}.json").read_text()) for w in range(writers)]
     mapped = [np.load(base / f"w{w:05d}.npy", mmap_mode="r") for w in range(writers)]
+    (base / "cut.json").write_text(json.dumps(language_cuts(offsets, mapped, BALANCE_CAP)))
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
+
+
+def _decide_task(folder: str, writer: int, start: int, n: int, seed: int) -> dict:
+    """The balance's decide step of one part: its rows kept under the cut's rules (language_keep)."""
+    t0 = time.perf_counter()
+    cuts = json.loads((Path(folder) / "balance" / "cut.json").read_text())
     keep = language_keep(np.arange(start, start + n, dtype=np.int64), synthetic_languages(start, n, seed), writer,
-                         offsets, mapped, BALANCE_CAP)
+                         cuts, BALANCE_CAP.seed)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "kept": int(keep.sum())}
 
 
@@ -327,7 +335,9 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
         (Path(tmp) / "balance").mkdir()
         counted = list(pool.map(_count_task, *zip(*[(tmp, w, s, n, seed) for w, s, n in chunks])))
         t3 = time.perf_counter()
-        decided = list(pool.map(_decide_task, *zip(*[(tmp, w, s, n, len(chunks), seed) for w, s, n in chunks])))
+        cut = pool.submit(_cut_task, tmp, len(chunks)).result()
+        t35 = time.perf_counter()
+        decided = list(pool.map(_decide_task, *zip(*[(tmp, w, s, n, seed) for w, s, n in chunks])))
         t4 = time.perf_counter()
     languages = Counter(lang for _, s, n in chunks for lang in synthetic_languages(s, n, seed).tolist())
     planted = np.concatenate([planted_rows(s, n, near_fraction, seed)[0] for _, s, n in chunks])
@@ -336,7 +346,8 @@ def run_finalize_bench(rows: int, threshold: int = 3, rows_per_writer: int = 100
             "writers": len(chunks), "workers": workers, "cpus": os.cpu_count(),
             "copies_per_partition": round(sum(r["copies"] for r in scattered) / partitions),
             "scatter": _step(scattered, t1 - t0, rows), "near": _step(near, t2 - t1, rows),
-            "balance_count": _step(counted, t3 - t2, rows), "balance_decide": _step(decided, t4 - t3, rows),
+            "balance_count": _step(counted, t3 - t2, rows), "balance_cut": _step([cut], t35 - t3, rows),
+            "balance_decide": _step(decided, t4 - t35, rows),
             "balance_kept": sum(r["kept"] for r in decided),
             "balance_target": sum(target_counts(dict(languages), BALANCE_CAP).values()),
             "rows_per_second": round(rows / (t2 - t0), 1), "planted": len(planted),
@@ -454,7 +465,7 @@ def render_plan_markdown(results: List[dict], command: str) -> str:
 
 
 def _rate(r: dict) -> float:
-    seconds = r["balance_count"]["wall_seconds"] + r["balance_decide"]["wall_seconds"]
+    seconds = sum(r[step]["wall_seconds"] for step in ("balance_count", "balance_cut", "balance_decide"))
     return round(r["rows"] / max(seconds, 1e-9), 1)
 
 
@@ -472,15 +483,17 @@ def render_finalize_markdown(results: List[dict], command: str) -> str:
     lines += ["", "Near-duplicates by pHash band, then the language balance per part:", "",
              "| rows | pHash h | bands | partitions | scatter tasks | peak RSS / scatter task (MiB, max) "
              "| peak RSS / near task (MiB, max) | scatter rows/s | near rows/s | end-to-end rows/s "
-             "| planted caught | false drops | peak RSS / balance count task (MiB, max) "
-             "| peak RSS / balance decide task (MiB, max) | balance count + decide rows/s | balance kept / target |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| planted caught | false drops | peak RSS / balance count task (MiB, max) | peak RSS / balance cut "
+             "(one task, MiB) | peak RSS / balance decide task (MiB, max) | balance count + cut + decide rows/s "
+             "| balance kept / target |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['phash_threshold']} | {r['bands']} | {r['partitions']} | {r['writers']} "
                      f"| {r['scatter']['peak_rss_mib_max']} | {r['near']['peak_rss_mib_max']} "
                      f"| {r['scatter']['rows_per_second']:,} | {r['near']['rows_per_second']:,} "
                      f"| {r['rows_per_second']:,} | {r['caught']:,} / {r['planted']:,} | {r['false_drops']} "
-                     f"| {r['balance_count']['peak_rss_mib_max']} | {r['balance_decide']['peak_rss_mib_max']} "
+                     f"| {r['balance_count']['peak_rss_mib_max']} | {r['balance_cut']['peak_rss_mib_max']} "
+                     f"| {r['balance_decide']['peak_rss_mib_max']} "
                      f"| {_rate(r):,} | {r['balance_kept']:,} / {r['balance_target']:,} |")
     lines += ["", "What the near tasks' time goes into: pairs of rows sharing a band value, each compared:", "",
               "| rows | pHash h | pairs compared | chance_pairs() predicts | pairs per task-second | near task-seconds |",

@@ -6,14 +6,13 @@ from typing import Callable
 
 # The partitioned finalize's steps as `sigscale curate --finalize-step` names them (curation/finalize.py runs
 # them). Kept here, not in curation.config: that pulls omegaconf and py3langid, and `sigscale --help` must not.
-FINALIZE_STEPS = ("prepare", "scatter", "near", "score", "count", "decide", "write")
+FINALIZE_STEPS = ("prepare", "scatter", "near", "score", "score-cut", "count", "balance-cut", "decide", "write")
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.finalize import ASSEMBLE_FUNCTIONS, curate, finalize
-    from sigscale.curation.pipeline import (dedup_partition, near_partition, plan_parts, prepare_finalize, run_part,
-                                            scatter_part)
+    from sigscale.curation.finalize import curate, finalize, finalize_steps
+    from sigscale.curation.pipeline import _finished_parts, dedup_partition, plan_parts, run_part
 
     cfg = load_curation_config(args.config, args.overrides)
     if args.plan:
@@ -32,10 +31,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         print(f"part done: {run_part(cfg, parts[args.part])}")
         return 0
     if args.finalize_step:
-        steps = {"prepare": lambda: prepare_finalize(cfg), "scatter": lambda: scatter_part(cfg, args.task),
-                 "near": lambda: near_partition(cfg, args.task),
-                 **{name: (lambda f=f: f(cfg, args.task)) for name, f in ASSEMBLE_FUNCTIONS.items()}}
-        print(f"finalize step {args.finalize_step} done: {steps[args.finalize_step]()}")
+        (step,) = [s for s in finalize_steps(cfg, _finished_parts(cfg)) if s.name == args.finalize_step]
+        print(f"finalize step {step.name} done: {step.fn(cfg) if step.once else step.fn(cfg, args.task)}")
         return 0
     out = finalize(cfg) if args.finalize else curate(cfg)
     print(f"shards, manifest.json, stats.json, report.md, report.html: {out}")
@@ -56,5 +53,6 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     mode.add_argument("--finalize", action="store_true", help="only merge the finished parts into shards")
     mode.add_argument("--finalize-step", choices=FINALIZE_STEPS,
                       help="one partitioned finalize task, in this order: prepare (once), scatter --task PART, "
-                      "near --task PARTITION, then score, count, decide, write --task PART each; --finalize merges")
+                      "near --task PARTITION, score --task PART, score-cut (once), count --task PART, balance-cut "
+                      "(once), decide and write --task PART; --finalize merges")
     p.add_argument("--task", type=int, default=0, help="task index of --finalize-step (a part or a partition)")

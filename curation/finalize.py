@@ -6,12 +6,15 @@ near) every step below runs once per download part (a Slurm array task, or here,
 
 - ``score``: the part's rows left after near/eval duplicates and ``image.score.min_score``; with
   ``image.score.top_fraction`` it writes their sorted score keys.
-- ``count``: applies the global top-fraction cut (:mod:`sigscale.curation.assemble`), then writes
-  the part's language counts and, per language, its sorted balance keys (``cap``/``temperature``)
-  or its metadata-entry counts (``metadata``).
-- ``decide``: sums the parts' counts (small), derives the per-language targets (or entry counts)
-  and decides each of its rows by a rule of the row alone and the sums: the target-many smallest
-  seeded keys of each language, or MetaCLIP's min(1, t / count). Checks the part's accounting.
+- ``score-cut`` (one task): the global top-fraction rule over every part's score keys
+  (:func:`~sigscale.curation.assemble.cut_at`), a small JSON file.
+- ``count``: applies that cut, then writes the part's language counts and, per language, its sorted
+  balance keys (``cap``/``temperature``) or its metadata-entry counts (``metadata``).
+- ``balance-cut`` (one task): sums the parts' counts, derives the per-language targets and writes
+  each language's rule (its cutoff key and each part's share of the ties), or the summed entry
+  counts; computed once, so no part's task reads every part's files.
+- ``decide``: decides each of its rows by a rule of the row alone and those sums: the target-many
+  smallest seeded keys of each language, or MetaCLIP's min(1, t / count). Checks the part's accounting.
 - ``write``: cuts the kept rows into shards at global boundaries (shard s holds kept rows s·S..),
   reading each image from img2dataset's tar (no copy of the images in between).
 - ``merge`` (one task): hard-links the shards into the output folder; manifest.json, stats.json,
@@ -28,9 +31,9 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pandas as pd
@@ -40,15 +43,16 @@ import pyarrow.parquet as pq
 from sigscale.core.config import config_hash
 from sigscale.core.manifest import Manifest, ShardInfo, save_manifest, write_shard
 from sigscale.core.progress import Progress
-from sigscale.curation.assemble import (TarImages, descending_keys, keep_smallest, kth_smallest, language_keep,
-                                        language_keys, sorted_keys, ties_taken)
+from sigscale.curation.assemble import (TarImages, cut_at, descending_keys, keep_by_cut, language_cuts, language_keep,
+                                        language_keys, sorted_keys)
 from sigscale.curation.balance import (METADATA_UNMATCHED, caption_counts, entry_counts, load_metadata, match_entries,
                                        metadata_keep, metadata_summary)
 from sigscale.curation.config import CurationConfig, CurationError
 from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE
 from sigscale.curation.pipeline import (BALANCE, DONE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE,
                                         OUTCOMES, PLAN, SAMPLES, SAMPLES_PER_REASON, Part, _finished_parts, _flat,
-                                        _part_dir, _prepared, _sum_counts, _task_index, _write_json, local_pool,
+                                        _part_dir, _prepared, _sum_counts, _task_index, _write_json, finalize_key,
+                                        local_pool,
                                         near_partition, plan_parts, prepare_finalize, reasons_by_language, run_part,
                                         run_tasks, scatter_part, short_side_histogram)
 from sigscale.curation.report import write_report
@@ -58,7 +62,7 @@ from sigscale.curation.text_filters import merge_language_outcomes
 _COLUMNS = ["row", "url", "caption", "caption_original", "declared_language", "extras", "language",
             "language_confidence", "width", "height", "original_width", "original_height", "score", "final_url",
             "shard", "key"]
-ASSEMBLE_STEPS = ("score", "count", "decide", "write")
+SCORE_CUT, BALANCE_CUT, ENTRY_TOTALS = "score-cut.json", "balance-cut.json", "entries-total.npz"
 
 
 def _settings(cfg: CurationConfig) -> dict:
@@ -87,8 +91,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _need(path: Path, step: str) -> Path:
     if not path.is_file():
-        raise CurationError(f"{path} is missing: run `sigscale curate --finalize-step {step} --task I` for every "
-                            "part first (same config)")
+        how = (f"`sigscale curate --finalize-step {step}` (one task)" if step.endswith("-cut") else
+               f"`sigscale curate --finalize-step {step} --task I` for every part")
+        raise CurationError(f"{path} is missing: run {how} first (same config)")
     return path
 
 
@@ -141,25 +146,34 @@ def score_part(cfg: CurationConfig, index: int) -> Path:
     return out
 
 
-def _score_cut(cfg: CurationConfig, parts: List[Part], part: Part, meta: pd.DataFrame, reason: np.ndarray) -> None:
+def score_cut(cfg: CurationConfig) -> Path:
+    """Step, one task: the global top-fraction rule over every part's score keys (empty without one)."""
+    out = assemble_dir(cfg) / SCORE_CUT
+    if not out.is_file():
+        cut = {}
+        if cfg.image.score.top_fraction is not None:
+            folder = assemble_dir(cfg) / "score"
+            arrays = [np.load(_need(folder / f"{p.name}.npy", "score"), mmap_mode="r") for p in _finished_parts(cfg)]
+            cut = cut_at(arrays, math.ceil(cfg.image.score.top_fraction * sum(len(a) for a in arrays)))
+        _write_json(out, cut)
+    return out
+
+
+def _score_cut(cfg: CurationConfig, part: Part, meta: pd.DataFrame, reason: np.ndarray) -> None:
     """Mark LOW_SCORE the part's rows outside the global top fraction (ties: smaller row first)."""
     if cfg.image.score.top_fraction is None:
         return
-    folder = assemble_dir(cfg) / "score"
-    arrays = [np.load(_need(folder / f"{p.name}.npy", "score"), mmap_mode="r") for p in parts]
-    k = math.ceil(cfg.image.score.top_fraction * sum(len(a) for a in arrays))
-    cutoff = kth_smallest(arrays, k)
+    cut = json.loads(_need(assemble_dir(cfg) / SCORE_CUT, "score-cut").read_text())
     alive = np.flatnonzero(pd.isna(reason))
-    keep = keep_smallest(descending_keys(meta["score"].to_numpy(np.float64)[alive]),
-                         meta["row"].to_numpy(np.int64)[alive], cutoff, ties_taken(arrays, k, cutoff)[part.index], k)
+    keep = keep_by_cut(descending_keys(meta["score"].to_numpy(np.float64)[alive]),
+                       meta["row"].to_numpy(np.int64)[alive], cut, part.index)
     reason[alive[~keep]] = LOW_SCORE
 
 
-def _alive(cfg: CurationConfig, parts: List[Part], part: Part) -> Tuple[pd.DataFrame, np.ndarray, np.ndarray,
-                                                                        np.ndarray, np.ndarray]:
+def _alive(cfg: CurationConfig, part: Part) -> Tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(candidates, reason so far, positions of the rows the balance decides on, their languages and row ids)."""
     meta, reason = _state(cfg, part)
-    _score_cut(cfg, parts, part, meta, reason)
+    _score_cut(cfg, part, meta, reason)
     alive = np.flatnonzero(pd.isna(reason))
     return (meta, reason, alive, meta["language"].to_numpy(object)[alive].astype(str),
             meta["row"].to_numpy(np.int64)[alive])
@@ -167,11 +181,11 @@ def _alive(cfg: CurationConfig, parts: List[Part], part: Part) -> Tuple[pd.DataF
 
 def count_part(cfg: CurationConfig, index: int) -> Path:
     """Step per part: language counts of its rows after the score cut, and what the balance mode needs of them."""
-    parts, part, out = _task(cfg, index, "count", "counts/{part}.json")
+    _, part, out = _task(cfg, index, "count", "counts/{part}.json")
     folder = assemble_dir(cfg)
     if out.is_file():
         return out
-    meta, _, alive, langs, rows = _alive(cfg, parts, part)
+    meta, _, alive, langs, rows = _alive(cfg, part)
     counts: dict = {}
     if cfg.balance.mode in ("cap", "temperature"):
         keys, counts["offsets"] = language_keys(rows, langs, cfg.balance.seed)
@@ -202,12 +216,24 @@ def _summed_npz(paths: List[Path]) -> Dict[str, np.ndarray]:
     return total
 
 
-def _balance_cut(cfg: CurationConfig, parts: List[Part], part: Part, langs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Keep-mask of cap/temperature balance: per language, the target-many smallest keys over all parts."""
+def balance_cut(cfg: CurationConfig) -> Path:
+    """Step, one task: every language's cap/temperature rule from all parts' keys, or (metadata) the entries'
+    counts summed over the parts; the decide tasks read this instead of every part's files."""
     folder = assemble_dir(cfg)
-    offsets = [json.loads(_need(folder / "counts" / f"{p.name}.json", "count").read_text())["offsets"] for p in parts]
-    mapped = [np.load(_need(folder / "balance" / f"{p.name}.npy", "count"), mmap_mode="r") for p in parts]
-    return language_keep(rows, langs, part.index, offsets, mapped, cfg.balance)
+    out = folder / BALANCE_CUT
+    if out.is_file():
+        return out
+    parts = _finished_parts(cfg)
+    cuts: dict = {}
+    if cfg.balance.mode in ("cap", "temperature"):
+        offsets = [json.loads(_need(folder / "counts" / f"{p.name}.json", "count").read_text())["offsets"] for p in parts]
+        mapped = [np.load(_need(folder / "balance" / f"{p.name}.npy", "count"), mmap_mode="r") for p in parts]
+        cuts = language_cuts(offsets, mapped, cfg.balance)
+    elif cfg.balance.mode == "metadata":
+        _save_npz(folder / ENTRY_TOTALS, _summed_npz([_need(folder / "entries" / f"{p.name}.npz", "count")
+                                                      for p in parts]))
+    _write_json(out, {"languages": cuts})
+    return out
 
 
 def decide_part(cfg: CurationConfig, index: int) -> Path:
@@ -216,13 +242,14 @@ def decide_part(cfg: CurationConfig, index: int) -> Path:
     folder = out.parent
     if out.is_file():
         return out
-    meta, reason, alive, langs, rows = _alive(cfg, parts, part)
+    meta, reason, alive, langs, rows = _alive(cfg, part)
+    cuts = json.loads(_need(assemble_dir(cfg) / BALANCE_CUT, "balance-cut").read_text())["languages"]
     info: dict = {}
     if cfg.balance.mode in ("cap", "temperature"):
-        reason[alive[~_balance_cut(cfg, parts, part, langs, rows)]] = BALANCE
+        reason[alive[~language_keep(rows, langs, part.index, cuts, cfg.balance.seed)]] = BALANCE
     elif cfg.balance.mode == "metadata":
         entries = load_metadata(cfg.balance)
-        totals = _summed_npz([_need(assemble_dir(cfg) / "entries" / f"{p.name}.npz", "count") for p in parts])
+        totals = _summed_npz([assemble_dir(cfg) / ENTRY_TOTALS])
         matched = match_entries(meta["caption"].to_numpy(object)[alive], langs, entries)
         keep, unmatched = metadata_keep(rows, matched, langs, totals, cfg.balance)
         reason[alive[unmatched]] = METADATA_UNMATCHED
@@ -306,18 +333,42 @@ def write_part(cfg: CurationConfig, index: int) -> Path:
     return out
 
 
-ASSEMBLE_FUNCTIONS = {"score": score_part, "count": count_part, "decide": decide_part, "write": write_part}
+@dataclass(frozen=True)
+class FinalizeStep:
+    """One step of the finalize chain: run once (``fn(cfg)``) or once per part/partition (``fn(cfg, index)``);
+    its tasks as (Slurm task name, function, arguments)."""
+    name: str
+    fn: Callable
+    once: bool
+    tasks: List[Tuple[str, Callable, tuple]]
+
+
+def finalize_steps(cfg: CurationConfig, parts: List[Part]) -> List[FinalizeStep]:
+    """The finalize chain in order, as both the local run and `sigscale submit curate` run it. Task names carry
+    the settings' hashes: a changed near or assemble setting names (and so reruns) its steps anew."""
+    key, akey = finalize_key(cfg, parts), assemble_key(cfg)
+
+    def once(name: str, fn: Callable, tag: str) -> FinalizeStep:
+        return FinalizeStep(name, fn, True, [(f"{name}-{tag}", fn, (cfg,))])
+
+    def each(name: str, fn: Callable, tag: str) -> FinalizeStep:
+        return FinalizeStep(name, fn, False, [(f"{name}-{tag}-{p.name}", fn, (cfg, p.index)) for p in parts])
+
+    return [once("prepare", prepare_finalize, key), each("scatter", scatter_part, key),
+            FinalizeStep("near", near_partition, False, [(f"near-{key}-p{k:05d}", near_partition, (cfg, k))
+                                                         for k in range(cfg.output.finalize_partitions)]),
+            each("score", score_part, f"{key}-{akey}"), once("score-cut", score_cut, f"{key}-{akey}"),
+            each("count", count_part, f"{key}-{akey}"), once("balance-cut", balance_cut, f"{key}-{akey}"),
+            each("decide", decide_part, f"{key}-{akey}"), each("write", write_part, f"{key}-{akey}")]
 
 
 def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> None:
     """Run here every partitioned step not yet done (a done task is skipped), step after step; the tasks of
     one step over ``output.local_processes`` processes."""
-    steps = [[(prepare_finalize, (cfg,))], [(scatter_part, (cfg, p.index)) for p in parts],
-             [(near_partition, (cfg, k)) for k in range(cfg.output.finalize_partitions)],
-             *([(ASSEMBLE_FUNCTIONS[step], (cfg, p.index)) for p in parts] for step in ASSEMBLE_STEPS)]
+    steps = [[(fn, args) for _, fn, args in step.tasks] for step in finalize_steps(cfg, parts)]
     progress = Progress("curate: finalize", sum(len(s) for s in steps),
-                        "steps done (prepare, scatter per part, near per partition, then score/count/decide/write "
-                        "per part)")
+                        "steps done (prepare, scatter per part, near per partition, then score, score-cut, count, "
+                        "balance-cut, decide, write)")
     with local_pool(cfg.output.local_processes) as pool:  # started once: each spawn imports pandas and pyarrow
         for calls in steps:
             run_tasks(calls, pool, progress.update)
@@ -346,7 +397,7 @@ def finalize(cfg: CurationConfig) -> Path:
     if cfg.balance.mode == "metadata":
         entries = load_metadata(cfg.balance)
         stats["metadata_balance"] = metadata_summary(
-            entries, _summed_npz([folder / "entries" / f"{p.name}.npz" for p in parts]),
+            entries, _summed_npz([folder / ENTRY_TOTALS]),
             _summed_npz([folder / "decided" / f"{p.name}-kept.npz" for p in parts]),
             _sum_lists(d["metadata_captions"] for d in decided), cfg.balance)
     else:

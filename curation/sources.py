@@ -147,11 +147,6 @@ def iter_url_list(cfg: InputConfig, batch_rows: Optional[int] = None) -> Iterato
         raise CurationError(f"URL list {cfg.path} has no rows; nothing to curate")
 
 
-def read_url_list(cfg: InputConfig) -> pd.DataFrame:
-    """All rows of the URL list as one table (:func:`iter_url_list` concatenated)."""
-    return pd.concat(list(iter_url_list(cfg)), ignore_index=True)
-
-
 def _batch(df: pd.DataFrame, cfg: InputConfig, columns: List[str], path: Path, start: int) -> pd.DataFrame:
     """One batch of a file in the pipeline's columns, its rows numbered from ``start``."""
     missing = [c for c in columns if c not in df.columns]

@@ -180,20 +180,6 @@ def later_copies(rows: np.ndarray, k1: np.ndarray, k2: np.ndarray) -> np.ndarray
     return later
 
 
-def normalize_and_dedup(df: pd.DataFrame) -> pd.Series:
-    """:func:`normalize_rows`, then repeated (url, caption) pairs of this table as DUPLICATE_URL_CAPTION.
-
-    One table in memory; the planner does the same over a whole URL list by partitions of the pair keys.
-    """
-    reason = normalize_rows(df)
-    valid = reason.isna().to_numpy()
-    k1, k2 = pair_keys(df[valid])
-    dup = np.zeros(len(df), bool)
-    dup[np.flatnonzero(valid)] = later_copies(df["row"].to_numpy(np.int64)[valid], k1, k2)
-    reason[dup] = DUPLICATE_URL_CAPTION
-    return reason
-
-
 def filter_text(df: pd.DataFrame, cfg: TextConfig) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Apply the per-row text checks; return (kept rows with language columns, drops as row/reason)."""
     reason = pd.Series(None, index=df.index, dtype=object)

@@ -76,11 +76,10 @@ def _then(first: Submission, kind: str, tasks: Sequence[ArrayTask], cluster: str
 
 
 def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """Arrays chained by afterok: exact dedup per key partition, a task per URL-list part, prepare, scatter per
-    part, near per partition, score, count, decide and write per part, then the merge (finalize)."""
-    from sigscale.curation.finalize import ASSEMBLE_FUNCTIONS, ASSEMBLE_STEPS, assemble_key, finalize
-    from sigscale.curation.pipeline import (dedup_partition, finalize_key, near_partition, plan_parts, prepare_finalize,
-                                            run_part, scatter_part)
+    """Arrays chained by afterok: exact dedup per key partition, a task per URL-list part, the finalize steps
+    (:func:`sigscale.curation.finalize.finalize_steps`: per part, per partition or once), then the merge."""
+    from sigscale.curation.finalize import finalize, finalize_steps
+    from sigscale.curation.pipeline import dedup_partition, plan_parts, run_part
 
     run_dir = Path(cfg.output.dir).absolute()
     cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
@@ -96,14 +95,8 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
         sub = submit_array(run_dir, "curate-dedup", [ArrayTask(f"dedup-{k:05d}", dedup_partition, (cfg, k))
                                                      for k in range(cfg.output.dedup_partitions)], cluster, res)
         sub = dataclasses.replace(sub, kind="curate")  # the chain's name in progress lines and failures
-    key = finalize_key(cfg, parts)  # a finalize-only setting changed: its steps' names (and done markers) change
     steps = [("curate", part_tasks),
-             ("prepare", [ArrayTask(f"prepare-{key}", prepare_finalize, (cfg,))]),
-             ("scatter", [ArrayTask(f"scatter-{key}-{p.name}", scatter_part, (cfg, p.index)) for p in parts]),
-             ("near", [ArrayTask(f"near-{key}-p{k:05d}", near_partition, (cfg, k))
-                       for k in range(cfg.output.finalize_partitions)]),
-             *((step, [ArrayTask(f"{step}-{key}-{assemble_key(cfg)}-{p.name}", ASSEMBLE_FUNCTIONS[step], (cfg, p.index))
-                       for p in parts]) for step in ASSEMBLE_STEPS),
+             *((step.name, [ArrayTask(*task) for task in step.tasks]) for step in finalize_steps(cfg, parts)),
              ("finalize", [ArrayTask("finalize", finalize, (cfg,))])]
     for kind, step in steps:
         sub = _then(sub, kind if kind == "curate" else f"curate-{kind}", step, cluster, res)

@@ -1,12 +1,13 @@
 """The per-part finalize rules: a global "k smallest" from parts' sorted keys, the same for any cut into parts."""
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
 
-from sigscale.curation.assemble import (TarImages, descending_keys, keep_smallest, kth_smallest, sorted_keys,
-                                        ties_taken)
+from sigscale.curation.assemble import (TarImages, cut_at, descending_keys, keep_by_cut, language_cuts, language_keep,
+                                        language_keys, sorted_keys)
 from sigscale.curation.balance import balance, balance_keys
 from sigscale.curation.config import BalanceConfig
 
@@ -15,10 +16,8 @@ def select_in_parts(keys: np.ndarray, rows: np.ndarray, k: int, cuts) -> np.ndar
     """Rows kept by the per-part rule when rows (ascending) are cut into contiguous parts at ``cuts``."""
     bounds = [0, *cuts, len(rows)]
     parts = [(keys[a:b], rows[a:b]) for a, b in zip(bounds, bounds[1:])]
-    arrays = [sorted_keys(kk, rr)[0] for kk, rr in parts]
-    cutoff = kth_smallest(arrays, k)
-    ties = ties_taken(arrays, k, cutoff)
-    return np.concatenate([rr[keep_smallest(kk, rr, cutoff, t, k)] for (kk, rr), t in zip(parts, ties)])
+    cut = json.loads(json.dumps(cut_at([sorted_keys(kk, rr)[0] for kk, rr in parts], k)))  # as the cut step writes it
+    return np.concatenate([rr[keep_by_cut(kk, rr, cut, i)] for i, (kk, rr) in enumerate(parts)])
 
 
 def reference(keys: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -69,6 +68,21 @@ def test_language_balance_keeps_the_same_rows_in_any_order_and_across_parts():
     en = langs == "en"
     in_parts = select_in_parts(balance_keys(rows[en], cfg.seed), rows[en], 200, [150, 151, 420])
     assert np.array_equal(np.sort(in_parts), np.sort(rows[keep & en]))
+
+
+@pytest.mark.parametrize("cuts", [[], [333], [1, 2, 500, 998]])
+def test_language_cuts_computed_once_keep_what_one_process_keeps(cuts):
+    rng = np.random.default_rng(1)
+    langs = np.array(["en"] * 600 + ["de"] * 300 + ["fr"] * 100)[rng.permutation(1000)]
+    rows = np.arange(1000) * 2 + 5
+    cfg = BalanceConfig(mode="cap", max_fraction=0.4, seed=3)
+    bounds = [0, *cuts, 1000]
+    parts = [(rows[a:b], langs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    written = [language_keys(r, lang, cfg.seed) for r, lang in parts]  # each part's count step
+    rules = json.loads(json.dumps(language_cuts([o for _, o in written], [k for k, _ in written], cfg)))
+    assert set(rules) == {"en", "de"} and [rules[x]["k"] for x in ("en", "de")] == [200, 200]  # fr is under its cap
+    kept = np.concatenate([language_keep(r, lang, i, rules, cfg.seed) for i, (r, lang) in enumerate(parts)])
+    assert np.array_equal(kept, balance(langs, cfg, rows))
 
 
 def test_tar_images_reads_each_jpg_by_shard_and_key(tmp_path):

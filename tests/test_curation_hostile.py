@@ -30,9 +30,9 @@ from sigscale.curation.fetch import (
 from sigscale.curation.finalize import curate
 from sigscale.curation.pipeline import DROP_REASONS, load_outcomes
 from sigscale.curation.serve import ImageServer
-from sigscale.curation.sources import read_url_list
 from sigscale.curation.text_filters import host_verdicts, normalize_caption
 from sigscale.curation.url_policy import UrlPolicy, normalize_host, split_url
+from test_curation_inputs import read_all
 
 pytestmark = pytest.mark.slow  # two img2dataset runs: ~25 s on 2 cores
 
@@ -324,7 +324,7 @@ def test_corrupt_and_truncated_gzip_lists_are_one_line_errors(tmp_path, capsys):
     for name, cause in (("truncated.csv.gz", "EOFError"), ("corrupt.csv.gz", "zlib.error")):
         with pytest.raises(CurationError, match=rf"cannot read URL list .*{name} as csv \({cause}: .*\); the file is "
                                                 r"damaged or not in that format: re-create or re-download it"):
-            read_url_list(_input(tmp_path / name))
+            read_all(_input(tmp_path / name))
     assert main(["curate", "--config", "default", f"input.path={tmp_path / 'corrupt.csv.gz'}",
                  f"output.dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -338,29 +338,29 @@ def test_jsonl_captions_of_mixed_types_are_an_error_naming_the_record(tmp_path):
     message = (r"mixed.jsonl: column 'caption' holds a value of type int \('5', record 2\) where text is expected; "
                r"write every caption as a string")
     with pytest.raises(CurationError, match=message):
-        read_url_list(_input(path))
+        read_all(_input(path))
 
 
 def test_csv_rows_with_a_trailing_comma_and_a_nul_in_a_caption_read_whole(tmp_path):
     path = tmp_path / "urls.csv"
     path.write_text('url,caption\nhttp://a.example/1.jpg,"two\x00 words",\nhttp://a.example/2.jpg,plain,\n')
-    df = read_url_list(_input(path))
+    df = read_all(_input(path))
     assert df["url"].tolist() == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
     assert df["caption"].tolist() == ["two\x00 words", "plain"]
     path.write_text("url,caption\nhttp://a.example/1.jpg,a red, round circle\n")  # an unquoted comma
     with pytest.raises(CurationError, match=r"urls.csv has a row with 3 fields where its header has 2 .*quote fields"):
-        read_url_list(_input(path))
+        read_all(_input(path))
 
 
 def test_missing_columns_and_truncated_parquet_are_errors_naming_file_and_fix(tmp_path):
     pd.DataFrame({"link": ["http://a.example/1.jpg"], "caption": ["x"]}).to_parquet(tmp_path / "cols.parquet")
     with pytest.raises(CurationError, match=r"cols.parquet has no column\(s\) \['url'\] .*set input.url_col"):
-        read_url_list(_input(tmp_path / "cols.parquet"))
+        read_all(_input(tmp_path / "cols.parquet"))
     pd.DataFrame({"url": ["http://a.example/1.jpg"] * 500, "caption": ["x"] * 500}).to_parquet(tmp_path / "t.parquet")
     data = (tmp_path / "t.parquet").read_bytes()
     (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(CurationError, match=r"cannot read URL list .*t.parquet as parquet \(.*\); the file is damaged"):
-        read_url_list(_input(tmp_path / "t.parquet"))
+        read_all(_input(tmp_path / "t.parquet"))
 
 
 @pytest.mark.parametrize("override, message", [

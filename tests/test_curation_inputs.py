@@ -6,8 +6,13 @@ import pytest
 
 from sigscale import CONFIG_DIR
 from sigscale.curation.config import CurationError, load_curation_config
-from sigscale.curation.sources import read_url_list
+from sigscale.curation.sources import iter_url_list
 from sigscale.core.config import ConfigError
+
+
+def read_all(cfg):
+    """The whole URL list as one table: every batch the planner would stream, concatenated."""
+    return pd.concat(iter_url_list(cfg), ignore_index=True)
 
 ROWS = pd.DataFrame({
     "URL": ["http://a.example/1.jpg", "http://a.example/2.jpg", "https://b.example/3.png"],
@@ -43,7 +48,7 @@ def test_shipped_curation_configs_load():
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".tsv", ".jsonl"])
 def test_every_format_reads_the_same_rows(tmp_path, suffix):
-    df = read_url_list(cfg_for(write(ROWS, tmp_path / f"urls{suffix}")))
+    df = read_all(cfg_for(write(ROWS, tmp_path / f"urls{suffix}")))
     assert df["row"].tolist() == [0, 1, 2]
     assert df["url"].tolist() == ROWS["URL"].tolist()
     assert df["caption"].tolist() == ['a "red", round circle', None, "三个红色的圆形"]
@@ -56,32 +61,32 @@ def test_a_folder_of_parts_is_numbered_in_file_order(tmp_path):
     write(ROWS.iloc[:2], tmp_path / "part-0.parquet")
     write(ROWS.iloc[2:], tmp_path / "part-1.csv")
     (tmp_path / "README.txt").write_text("not a list")
-    df = read_url_list(cfg_for(tmp_path))
+    df = read_all(cfg_for(tmp_path))
     assert df["row"].tolist() == [0, 1, 2] and df["url"].tolist() == ROWS["URL"].tolist()
 
 
 def test_bad_url_lists_fail_naming_file_and_column(tmp_path):
     write(ROWS, tmp_path / "urls.csv")
     with pytest.raises(CurationError, match=r"urls.csv has no column\(s\) \['caption'\] \(it has \['URL', 'TEXT', 'lang', 'width'\]\)"):
-        read_url_list(load_curation_config("default", [f"input.path={tmp_path / 'urls.csv'}", "output.dir=o",
+        read_all(load_curation_config("default", [f"input.path={tmp_path / 'urls.csv'}", "output.dir=o",
                                                        "input.url_col=URL"]).input)
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 definitely not parquet")
     with pytest.raises(CurationError, match=r"cannot read URL list .*broken.parquet as parquet"):
-        read_url_list(cfg_for(bad))
+        read_all(cfg_for(bad))
     empty = tmp_path / "empty.csv"
     empty.write_text("URL,TEXT,lang,width\n")
     with pytest.raises(CurationError, match=r"URL list .*empty.csv has no rows; nothing to curate"):
-        read_url_list(cfg_for(empty))
+        read_all(cfg_for(empty))
     with pytest.raises(CurationError, match=r"input.path .*missing.parquet does not exist"):
-        read_url_list(cfg_for(tmp_path / "missing.parquet"))
+        read_all(cfg_for(tmp_path / "missing.parquet"))
     (tmp_path / "nolists").mkdir()
     with pytest.raises(CurationError, match=r"folder .*nolists holds no URL list files"):
-        read_url_list(cfg_for(tmp_path / "nolists"))
+        read_all(cfg_for(tmp_path / "nolists"))
     odd = tmp_path / "urls.xlsx"
     odd.write_text("x")
     with pytest.raises(CurationError, match=r"cannot tell the format of .*urls.xlsx .*set input.format"):
-        read_url_list(cfg_for(odd))
+        read_all(cfg_for(odd))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -18,7 +18,7 @@ from sigscale.curation import synthetic
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
-from sigscale.curation.finalize import ASSEMBLE_STEPS, curate, finalize
+from sigscale.curation.finalize import curate, finalize, finalize_steps
 from sigscale.curation.pipeline import load_outcomes, plan_parts, run_part
 from sigscale.curation.serve import ImageServer, write_url_list
 
@@ -90,9 +90,11 @@ def test_curation_says_how_far_each_stage_is_with_counts_and_eta(curated):
     assert re.search(rf"^curate: parts: {parts[0].stop}/{total} input rows done, {clock} elapsed, eta {clock}$",
                      log, re.M)
     assert re.search(rf"^curate: parts: {total}/{total} input rows done, {clock} elapsed, eta 0:00:00$", log, re.M)
-    steps = 1 + len(parts) * (1 + len(ASSEMBLE_STEPS)) + cfg.output.finalize_partitions
+    steps = sum(len(step.tasks) for step in finalize_steps(cfg, parts))
+    assert steps == 3 + len(parts) * 5 + cfg.output.finalize_partitions  # prepare and the two cuts once
     assert re.search(rf"^curate: finalize: {steps}/{steps} steps done \(prepare, scatter per part, near per "
-                     rf"partition, then score/count/decide/write per part\), {clock} elapsed, eta 0:00:00$", log, re.M)
+                     rf"partition, then score, score-cut, count, balance-cut, decide, write\), {clock} elapsed, "
+                     rf"eta 0:00:00$", log, re.M)
     # in the order the work happens
     order = [log.index(s) for s in ("curate: part-00001 text:", "curate: download part-00001:",
                                     f"curate: parts: {total}/{total}", "curate: finalize:")]
@@ -421,6 +423,20 @@ def test_partition_count_does_not_change_any_outcome_and_steps_run_per_task(cura
         for k in range(5):
             assert main([*args, "--finalize-step", "near", "--task", str(k)]) == 0
         assert len(list((d / "out" / "work" / "finalize" / "drops").glob("p*.parquet"))) == 5
+        for part in range(2):
+            assert main([*args, "--finalize-step", "score", "--task", str(part)]) == 0
+        assert main([*args, "--finalize-step", "score-cut"]) == 0  # no top fraction here: an empty rule
+        for part in range(2):
+            assert main([*args, "--finalize-step", "count", "--task", str(part)]) == 0
+        assert main([*args, "--finalize-step", "decide", "--task", "1"]) == 2
+        assert "balance-cut.json is missing: run `sigscale curate --finalize-step balance-cut` (one task)" in \
+            capsys.readouterr().err
+        assert main([*args, "--finalize-step", "balance-cut"]) == 0
+        cuts = json.loads(next((d / "out" / "work" / "finalize").glob("assemble-*/balance-cut.json")).read_text())
+        assert all(len(rule["ties"]) == 2 for rule in cuts["languages"].values())  # a share for each part
+        for step in ("decide", "write"):
+            for part in range(2):
+                assert main([*args, "--finalize-step", step, "--task", str(part)]) == 0
         assert main([*args, "--finalize"]) == 0
         pd.testing.assert_frame_equal(load_outcomes(curated["out"]), before)
         finalize(load_curation_config("demo", overrides(d, ["output.finalize_partitions=16"])))

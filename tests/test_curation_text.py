@@ -5,7 +5,8 @@ import pandas as pd
 from sigscale.curation import synthetic
 from sigscale.curation.config import TextConfig
 from sigscale.curation.text_filters import (
-    count_words, filter_text, host_verdicts, identify_languages, normalize_and_dedup, normalize_caption,
+    count_words, filter_text, host_verdicts, identify_languages, later_copies, normalize_caption, normalize_rows,
+    pair_keys,
 )
 
 
@@ -15,7 +16,7 @@ def frame(rows):
                        for r in rows])
     df.insert(0, "row", np.arange(len(df), dtype=np.int64))
     df["extras"] = "{}"
-    reason = normalize_and_dedup(df)
+    reason = normalize_rows(df)
     return df, reason
 
 
@@ -46,9 +47,12 @@ def test_exact_duplicates_after_normalisation_invalid_urls_and_empty_captions():
         ("http://b.example/3.jpg", None),
         (None, "a red circle"),
     ])
-    assert [r if isinstance(r, str) else None for r in reason] == [None, "duplicate_url_caption", None, "url_invalid", "url_invalid", "url_invalid",
-                               "caption_empty", "url_invalid"]
+    assert [r if isinstance(r, str) else None for r in reason] == [None, None, None, "url_invalid", "url_invalid",
+                                                                   "url_invalid", "caption_empty", "url_invalid"]
     assert df["caption"][0] == "a red circle" and df["caption_original"][0] == "a red  circle"
+    # the planner's pair keys see the normalised caption: rows 0 and 1 are one pair, row 2 another
+    k1, k2 = pair_keys(df.iloc[:3])
+    assert later_copies(df["row"].to_numpy()[:3], k1, k2).tolist() == [False, True, False]
 
 
 def test_language_id_accuracy_on_the_generated_corpus():

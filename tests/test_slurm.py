@@ -173,7 +173,7 @@ def _times(job_id: str, field: str, duplicates: bool = False) -> list:
 def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
     from sigscale.curation.config import load_curation_config
     from sigscale.core.manifest import load_manifest
-    from sigscale.curation.finalize import ASSEMBLE_STEPS, assemble_key
+    from sigscale.curation.finalize import assemble_key
     from sigscale.curation.pipeline import finalize_key, plan_parts
     from sigscale.curation.serve import ImageServer, write_url_list
 
@@ -187,7 +187,11 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
         key = finalize_key(cfg, plan_parts(cfg))
         steps = [f"prepare-{key}", *(f"scatter-{key}-part-0000{i}" for i in range(3)),
                  *(f"near-{key}-p0000{k}" for k in range(2)),
-                 *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ASSEMBLE_STEPS for i in range(3)),
+                 *(f"score-{key}-{assemble_key(cfg)}-part-0000{i}" for i in range(3)),
+                 f"score-cut-{key}-{assemble_key(cfg)}",
+                 *(f"count-{key}-{assemble_key(cfg)}-part-0000{i}" for i in range(3)),
+                 f"balance-cut-{key}-{assemble_key(cfg)}",
+                 *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ("decide", "write") for i in range(3)),
                  "finalize"]
         parts = ["dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
         assert sub.names == [*parts, *steps]
@@ -202,7 +206,8 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
     assert "#SBATCH --array=0-2%2" in script
     # each step started after the one before ended (afterok dependency on the arrays)
     arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
-    assert len(arrays) == 6 + len(ASSEMBLE_STEPS)  # dedup, parts, prepare, scatter, near, the 4 steps, merge
+    # dedup, parts, prepare, scatter, near, score, score-cut, count, balance-cut, decide, write, merge
+    assert len(arrays) == 12
     for before, after in zip(arrays, arrays[1:]):
         assert max(_times(before, "End")) <= min(_times(after, "Start"))
     assert len(list((out / "work" / "finalize" / "drops").glob("p*.parquet"))) == 2
