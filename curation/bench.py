@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from sigscale.core.procstat import peak_rss_mib
 from sigscale.curation.assemble import language_cuts, language_keep, language_keys
 from sigscale.curation.balance import target_counts
 from sigscale.curation.config import BalanceConfig
@@ -242,11 +242,6 @@ def _dedup_task(folder: str, k: int) -> dict:
     later = later_copies(rows, keys["k1"].to_numpy(np.uint64), keys["k2"].to_numpy(np.uint64))
     pd.DataFrame({"row": rows[later]}).to_parquet(Path(folder) / "exact" / f"p{k:05d}.parquet", index=False)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "rows": len(rows)}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (ru_maxrss, KiB on Linux) in MiB: glibc malloc, freed memory included."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _scatter_task(folder: str, writer: int, start: int, n: int, partitions: int, threshold: int,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sigscale.curation import synthetic
-from sigscale.curation.bench import peak_rss_mib
+from sigscale.core.procstat import peak_rss_mib
 from sigscale.curation.config import TextConfig
 from sigscale.curation.langid import UNDETERMINED, identifier
 from sigscale.curation.text_filters import LANGUAGE_REASONS, filter_text

@@ -32,7 +32,8 @@ from sigscale.curation.image_filters import THUMB, close_pairs, expand_ranges, s
 EVAL_DUPLICATE, NEAR_DUPLICATE = "eval_duplicate", "near_duplicate"
 PARTITION_REASONS = (EVAL_DUPLICATE, NEAR_DUPLICATE)
 THUMB_BYTES = THUMB * THUMB * 3
-PAIRS_PER_BLOCK = 2_000_000  # candidate pairs verified at once: bounds a task's memory inside a large band group
+PAIRS_PER_BLOCK = 2_000_000  # candidate pairs compared at once: bounds a task's memory inside a large band group
+VERIFY_PAIRS = 65_536  # close pairs whose thumbnails are read at once (2 x 768 bytes each: ~100 MB)
 _PARTITION_SEED = 0x5167  # fixed: every writer must send a band value to the same partition
 
 
@@ -120,24 +121,15 @@ def _read_arrow(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
-class _Thumbs:
-    """The writers' colour thumbnails, each file mapped once per task; a gather reads only the pages it needs."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.mapped = Path(folder), {}
-
-    def _matrix(self, writer: int) -> np.ndarray:
-        if writer not in self.mapped:
-            self.mapped[writer] = thumb_matrix(_read_arrow(thumbs_path(self.folder, writer)).column("thumb"))
-        return self.mapped[writer]
-
-    def gather(self, writers: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """Thumbnails of the given (writer, index) copies."""
-        out = np.empty((len(writers), THUMB_BYTES), np.uint8)
-        for w in np.unique(writers).tolist():
-            mine = writers == w
-            out[mine] = self._matrix(w)[index[mine]]
-        return out
+def _gather_thumbs(folder: Path, writers: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Thumbnails of the given (writer, index) copies, from the writers' mapped files. Each file is mapped for
+    this gather only: the kernel reads ahead around every page touched, so a map kept for the whole task would
+    end up resident in full (768 bytes a candidate: 14 GiB at 20M rows, measured); unmapped, it is one file."""
+    out = np.empty((len(writers), THUMB_BYTES), np.uint8)
+    for w in np.unique(writers).tolist():
+        mine = writers == w
+        out[mine] = thumb_matrix(_read_arrow(thumbs_path(folder, w)).column("thumb"))[index[mine]]
+    return out
 
 
 def _fixed_binary(matrix: np.ndarray) -> pa.Array:
@@ -213,6 +205,25 @@ def _close_pairs_sorted(hashes: np.ndarray, ends: np.ndarray, threshold: int,
         yield np.zeros(0, np.int64), np.zeros(0, np.int64), (b - a) * (b - a - 1) // 2
 
 
+def _batched(close: Iterator[Tuple[np.ndarray, np.ndarray, int]], size: int,
+             tally: Dict[str, int]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """The close pairs (p, q) in batches of about ``size``, so that their thumbnails are read in few gathers;
+    the pairs compared and found are added to ``tally``."""
+    pending: List[Tuple[np.ndarray, np.ndarray]] = []
+    waiting = 0
+    for p, q, compared in close:
+        tally["pairs"] += compared
+        tally["close_pairs"] += len(p)
+        if len(p):
+            pending.append((p, q))
+            waiting += len(p)
+        if waiting >= size:
+            yield np.concatenate([a for a, _ in pending]), np.concatenate([b for _, b in pending])
+            pending, waiting = [], 0
+    if pending:
+        yield np.concatenate([a for a, _ in pending]), np.concatenate([b for _, b in pending])
+
+
 def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
                     eval_set: Optional[Tuple[np.ndarray, np.ndarray]] = None,
                     block: int = PAIRS_PER_BLOCK, counts: Optional[Dict[str, int]] = None) -> pd.DataFrame:
@@ -229,11 +240,10 @@ def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
     band, value, row, hashes = column("band", np.int64), column("value", np.int64), column("row", np.int64), \
         column("phash", np.uint64)
     writer, index = column("writer", np.int64), column("index", np.int64)
-    thumbs = _Thumbs(folder)
     eval_hit = np.zeros(len(row), dtype=bool)
     if eval_set is not None and len(row):
         i, j = close_pairs(hashes, eval_set[0], max(threshold, 0))
-        ok = same_colours(thumbs.gather(writer[i], index[i]), eval_set[1], np.arange(len(i)), j,
+        ok = same_colours(_gather_thumbs(folder, writer[i], index[i]), eval_set[1], np.arange(len(i)), j,
                           thumb_max_diff)
         eval_hit[i[ok]] = True
     out = [pd.DataFrame({"row": row[eval_hit], "reason": EVAL_DUPLICATE})]
@@ -243,15 +253,11 @@ def partition_drops(folder: Path, k: int, threshold: int, thumb_max_diff: float,
         order = alive[np.lexsort((row[alive], value[alive], band[alive]))]
         ends = _group_ends(band[order], value[order])
         rows, near = row[order], []
-        for p, q, compared in _close_pairs_sorted(hashes[order], ends, threshold, block):
+        for p, q in _batched(_close_pairs_sorted(hashes[order], ends, threshold, block), VERIFY_PAIRS, tally):
             i, j = order[p], order[q]  # rows ascend inside a group: rows[q] > rows[p]
-            tally["pairs"] += compared
-            tally["close_pairs"] += len(i)
-            if not len(i):
-                continue
             pair = np.arange(len(i))
-            same = same_colours(thumbs.gather(writer[i], index[i]), thumbs.gather(writer[j], index[j]), pair, pair,
-                                thumb_max_diff)
+            same = same_colours(_gather_thumbs(folder, writer[i], index[i]), _gather_thumbs(folder, writer[j], index[j]),
+                                pair, pair, thumb_max_diff)
             near.append(rows[q[same]])
         out.append(pd.DataFrame({"row": np.concatenate(near or [np.zeros(0, np.int64)]), "reason": NEAR_DUPLICATE}))
     if counts is not None:

@@ -29,6 +29,7 @@ from sigscale import CONFIG_DIR
 from sigscale.core.config import ConfigError, find_config
 from sigscale.core.distributed import init_distributed, torchrun_command
 from sigscale.core.manifest import write_shards
+from sigscale.core.procstat import status_kib
 from sigscale.curation.synthetic import shard_records
 from sigscale.pretrain.config import PRESETS, load_config
 from sigscale.pretrain.sharding import is_deepspeed
@@ -66,10 +67,7 @@ def jemalloc_env(env: Dict[str, str]) -> Dict[str, str]:
 
 def rss_hwm_bytes(pid: int | str = "self") -> int:
     """Peak resident set size (VmHWM) of a process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return (status_kib(pid, "VmHWM") or 0) * 1024
 
 
 def local_bytes(t: Any) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from sigscale.bench_memory import JEMALLOC, engine_overrides, jemalloc_env, resolve_config, write_bench_data
+from sigscale.core.procstat import status_kib
 
 PEERS = ("sigscale", "open_clip")
 SKIP_STEPS = 2  # first steps pay for lazy init, optimizer state and worker start-up
@@ -158,16 +159,6 @@ def _rank_of(pid: int) -> Optional[int]:
     return ranks[0] if ranks else None
 
 
-def _status_kib(pid: int, field: str) -> Optional[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def run_job(cmd: Sequence[str], log_path: Path, cap_bytes: Optional[int] = None, cwd: Optional[Path] = None,
             timeout: float = 900, poll_s: float = 0.02) -> Dict[str, Any]:
     """Run a torchrun job; per-rank peak RSS (VmHWM) and virtual peak, exit status, wall time."""
@@ -193,7 +184,7 @@ def run_job(cmd: Sequence[str], log_path: Path, cap_bytes: Optional[int] = None,
                     rank = ranks.get(kid)
                     if rank is None:
                         rank = ranks[kid] = _rank_of(kid)
-                    h, v = _status_kib(kid, "VmHWM"), _status_kib(kid, "VmPeak")
+                    h, v = status_kib(kid, "VmHWM"), status_kib(kid, "VmPeak")
                     if rank is not None and h is not None:
                         hwm[rank], vm[rank] = max(hwm.get(rank, 0), h), max(vm.get(rank, 0), v or 0)
                 time.sleep(poll_s)

@@ -76,11 +76,13 @@ def test_partitioned_equals_the_single_process_pair_rule_on_clustered_hashes(tmp
         pd.testing.assert_series_equal(got, want, check_names=False, check_index_type=False)
 
 
-def test_partition_task_verifies_big_band_groups_in_bounded_blocks(tmp_path):
+def test_partition_task_verifies_big_band_groups_in_bounded_blocks(tmp_path, monkeypatch):
     frame, planted = planted_candidates(0, 3000, near_fraction=0.2, seed=2)
     frame.loc[:, "phash"] = frame["phash"].to_numpy(np.uint64) & np.uint64(0xFFFFFFFFFFFFFF00)  # one 8-bit band shared
     want = run_partitioned(frame, tmp_path / "one", 1)
     pd.testing.assert_series_equal(run_partitioned(frame, tmp_path / "small", 1, block=997), want)
+    monkeypatch.setattr("sigscale.curation.partitions.VERIFY_PAIRS", 7)  # thumbnails read in many small gathers
+    pd.testing.assert_series_equal(run_partitioned(frame, tmp_path / "gathers", 1, block=997), want)
     assert set(want.index) == set(planted.tolist())
 
 
