@@ -129,13 +129,15 @@ class OutputConfig:
     corpus: bool = True  # write captions.txt for tokenizer training
     plots: bool = True
     keep_downloads: bool = False  # keep all of img2dataset's output in each part (its tars always stay: the images)
-    # Partitions of the exact (url, caption) dedup (one task each, ~120 bytes per URL-list row of its partition
-    # at peak): raise it with the list, e.g. one per 20M rows for ~2.5 GiB per task.
+    # Partitions of the exact (url, caption) dedup (one task each, ~110 bytes per URL-list row of its partition
+    # at peak): raise it with the list, one per 20M rows for ~2.5 GiB per task (the planner warns).
     dedup_partitions: int = 1
     # Processes running the tasks of one dedup or finalize step when `sigscale curate` runs them here
     # (`submit curate` runs each step as a Slurm array instead).
     local_processes: int = 1
-    finalize_partitions: int = 1  # pHash-band partitions of the near-duplicate/decontamination step (one task each)
+    # pHash-band partitions of the near-duplicate/decontamination step (one task each, ~350 bytes per band copy,
+    # phash_threshold + 1 copies per candidate): one per 6M copies for ~2.5 GiB per task (the planner warns).
+    finalize_partitions: int = 1
 
 
 @dataclass

@@ -18,6 +18,7 @@ plots, and work/ (plan.json, plan_drops.parquet, inputs/, dedup/, parts/).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections import Counter
@@ -154,7 +155,30 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
     _write_json(plan_path, plan)
     print(f"curate: planned {n} rows in {len(parts)} part(s); {dropped} dropped before download (invalid URL, "
           "empty caption)", flush=True)
+    _warn_partition_sizes(cfg, n)
     return _planned(cfg, plan, dedup)
+
+
+# What one task holds at peak, measured by `sigscale bench curation` (BENCHMARKS.md): a dedup task ~110 bytes
+# per key of its partition (2M keys: 314 MiB), a near task ~350 bytes per band copy (1M copies: 446 MiB),
+# both over a ~100 MiB interpreter. The partition counts that keep a task near 2.5 GiB:
+DEDUP_ROWS_PER_TASK = 20_000_000
+NEAR_COPIES_PER_TASK = 6_000_000
+
+
+def _warn_partition_sizes(cfg: CurationConfig, rows: int) -> None:
+    """Say so, before any task runs, when a dedup or near task would hold more than about 2.5 GiB."""
+    out, bands = cfg.output, len(band_layout(cfg.image.phash_threshold))
+    if rows > DEDUP_ROWS_PER_TASK * out.dedup_partitions:
+        print(f"curate: warning: {rows:,} rows in {out.dedup_partitions} exact-dedup partition(s): each dedup task "
+              f"holds ~{rows / out.dedup_partitions * 110 / 2 ** 30:.1f} GiB; set "
+              f"output.dedup_partitions={math.ceil(rows / DEDUP_ROWS_PER_TASK)} (one per {DEDUP_ROWS_PER_TASK:,} "
+              "rows; the URL list is planned again with it)", flush=True)
+    if cfg.image.phash_threshold >= 0 and rows * bands > NEAR_COPIES_PER_TASK * out.finalize_partitions:
+        print(f"curate: warning: up to {rows * bands:,} pHash band copies ({bands} per candidate) in "
+              f"{out.finalize_partitions} near-duplicate partition(s): each near task holds up to "
+              f"~{rows * bands / out.finalize_partitions * 350 / 2 ** 30:.1f} GiB; set output.finalize_partitions="
+              f"{math.ceil(rows * bands / NEAR_COPIES_PER_TASK)}", flush=True)
 
 
 class PairKeyWriters:

@@ -136,6 +136,25 @@ def test_a_quadratic_near_duplicate_search_is_announced_with_its_fix(capsys):
     assert f"3: 16-bit bands, a CPU-hour of chance pairs at ~{(3600 * PAIRS_PER_SECOND * 2 ** 17 / 4) ** 0.5:.2g}" in out
 
 
+def test_partition_counts_too_small_for_the_list_are_announced_with_their_fix(capsys):
+    from sigscale.curation.config import load_curation_config
+    from sigscale.curation.pipeline import _warn_partition_sizes
+
+    cfg = load_curation_config("default", ["input.path=x", "output.dir=y"])  # 1 and 1 partitions, h = 8: 9 bands
+    _warn_partition_sizes(cfg, 600_000)
+    assert capsys.readouterr().out == ""  # 5.4M band copies: one task of each holds it
+    _warn_partition_sizes(cfg, 50_000_000)
+    out = capsys.readouterr().out
+    assert "50,000,000 rows in 1 exact-dedup partition(s): each dedup task holds ~5.1 GiB; set " \
+           "output.dedup_partitions=3 (one per 20,000,000 rows" in out
+    assert "up to 450,000,000 pHash band copies (9 per candidate) in 1 near-duplicate partition(s)" in out
+    assert "set output.finalize_partitions=75" in out
+    cfg = load_curation_config("default", ["input.path=x", "output.dir=y", "output.dedup_partitions=3",
+                                           "output.finalize_partitions=75"])
+    _warn_partition_sizes(cfg, 50_000_000)
+    assert capsys.readouterr().out == ""
+
+
 def test_tiled_and_pairwise_comparison_find_every_close_pair_inside_groups():
     """Groups from 1 to 1,500 copies (tiles of 512 rows, blocks crossing groups) against every pair checked."""
     rng = np.random.default_rng(5)
