@@ -292,7 +292,7 @@ def run_tasks(calls: Sequence[Call], pool: Optional[ProcessPoolExecutor] = None,
 def dedup_partition(cfg: CurationConfig, k: int) -> Path:
     """Exact (url, caption) duplicates among one partition of the pair keys: every copy but the smallest
     row, as work/dedup/drops-NNNNN.parquet (skipped when done). Holds one partition's keys (24 bytes a row) and
-    their sort: ~120 bytes a row at peak (`sigscale bench curation --sections plan`)."""
+    their sort: ~110 bytes a row at peak (`sigscale bench curation --sections plan`)."""
     plan = _plan(cfg)
     k = _task_index(k, plan["dedup_partitions"], "dedup", "--dedup")
     out = cfg.work_dir / DEDUP_DIR / f"drops-{k:05d}.parquet"
