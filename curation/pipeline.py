@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sigscale.core.config import config_hash
+from sigscale.core.procstat import trim_heap
 from sigscale.curation.balance import BALANCE_REASONS
 from sigscale.curation.config import CurationConfig, CurationError, part_config_hash
 from sigscale.curation.download import DOWNLOAD_REASONS, download
@@ -147,6 +148,8 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
             keys.write(valid["row"].to_numpy(np.int64), *pair_keys(valid))
             n = int(batch["row"].iloc[-1]) + 1
             inputs.write(valid, n)
+            del batch, valid, bad
+            trim_heap()
     parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
     plan = {"fingerprint": fingerprint, "input_rows": n, "parts": [asdict(p) for p in parts],
             "dedup_partitions": buckets, "captions_cleaned": {k: cleaned[k] for k in CLEANED},

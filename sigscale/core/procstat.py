@@ -6,6 +6,9 @@ by a large parent reports at least the parent's RSS (a spawned child of an 800 M
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -24,3 +27,23 @@ def status_kib(pid: int | str, field: str) -> Optional[int]:
 def peak_rss_mib(pid: int | str = "self") -> float:
     """Peak resident set size (VmHWM) in MiB, 0.0 when unknown."""
     return round((status_kib(pid, "VmHWM") or 0) / 1024, 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap pages back to the system (malloc_trim); a no-op without glibc.
+
+    A loop that builds and drops large pandas batches of Python strings leaves the heap fragmented, and
+    its RSS then creeps up batch after batch (the planner: ~6 MiB per million rows from 20M to 60M rows,
+    measured); trimming once per batch keeps only what is in use."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
