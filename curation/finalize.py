@@ -52,9 +52,8 @@ from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE
 from sigscale.curation.pipeline import (BALANCE, DONE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE,
                                         OUTCOMES, PLAN, SAMPLES, SAMPLES_PER_REASON, Part, _finished_parts, _flat,
                                         _part_dir, _prepared, _sum_counts, _task_index, _write_json, finalize_key,
-                                        local_pool,
-                                        near_partition, plan_parts, prepare_finalize, reasons_by_language, run_part,
-                                        run_tasks, scatter_part, short_side_histogram)
+                                        local_pool, near_partition, plan_parts, prepare_finalize, reasons_by_language,
+                                        run_part, run_tasks, scatter_part, short_side_histogram)
 from sigscale.curation.report import write_report
 from sigscale.curation.text_filters import merge_language_outcomes
 
@@ -238,7 +237,7 @@ def balance_cut(cfg: CurationConfig) -> Path:
 
 def decide_part(cfg: CurationConfig, index: int) -> Path:
     """Step per part: every candidate kept or dropped (decided/<part>.parquet) and its counts (<part>.json)."""
-    parts, part, out = _task(cfg, index, "decide", "decided/{part}.json")
+    _, part, out = _task(cfg, index, "decide", "decided/{part}.json")
     folder = out.parent
     if out.is_file():
         return out

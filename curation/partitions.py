@@ -64,11 +64,15 @@ def partition_of(band: int, values: np.ndarray, partitions: int) -> np.ndarray:
 PAIRS_PER_SECOND = 2.8e8
 
 
+def narrowest_band(threshold: int) -> int:
+    """Bits of the narrowest band at ``threshold``: the one whose groups are the largest."""
+    return min(w for _, w in band_layout(threshold))
+
+
 def chance_pairs(rows: int, threshold: int) -> float:
     """Pairs that share a band by chance among ``rows`` uniform pHashes, all of which the near tasks verify:
     (bands) · N² / 2^(width+1). Quadratic in N: real pHashes, which cluster, give more, never fewer."""
-    layout = band_layout(threshold)
-    return len(layout) * float(rows) ** 2 / 2.0 ** (min(w for _, w in layout) + 1)
+    return len(band_layout(threshold)) * float(rows) ** 2 / 2.0 ** (narrowest_band(threshold) + 1)
 
 
 def rows_per_cpu_hour(threshold: int) -> float:

@@ -42,7 +42,7 @@ from sigscale.curation.download import DOWNLOAD_REASONS, download
 from sigscale.curation.image_filters import IMAGE_REASONS, check_images, eval_images, hash_files
 from sigscale.curation.langid import declared_code
 from sigscale.curation.partitions import (PAIRS_PER_SECOND, PARTITION_REASONS, band_layout, chance_pairs,
-                                         partition_drops, rows_per_cpu_hour, scatter)
+                                         narrowest_band, partition_drops, rows_per_cpu_hour, scatter)
 from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_url_list, list_files
 from sigscale.curation.text_filters import (CLEANED, DUPLICATE_URL_CAPTION, TEXT_REASONS, cleaned_counts, filter_text,
                                            language_outcomes, later_copies, normalize_rows, pair_keys)
@@ -165,6 +165,7 @@ def plan_parts(cfg: CurationConfig, dedup: bool = True) -> List[Part]:
 # What one task holds at peak, measured by `sigscale bench curation` (BENCHMARKS.md): a dedup task ~110 bytes
 # per key of its partition (2M keys: 314 MiB), a near task ~350 bytes per band copy (1M copies: 446 MiB),
 # both over a ~100 MiB interpreter. The partition counts that keep a task near 2.5 GiB:
+DEDUP_BYTES_PER_ROW, NEAR_BYTES_PER_COPY = 110, 350
 DEDUP_ROWS_PER_TASK = 20_000_000
 NEAR_COPIES_PER_TASK = 6_000_000
 
@@ -174,14 +175,14 @@ def _warn_partition_sizes(cfg: CurationConfig, rows: int) -> None:
     out, bands = cfg.output, len(band_layout(cfg.image.phash_threshold))
     if rows > DEDUP_ROWS_PER_TASK * out.dedup_partitions:
         print(f"curate: warning: {rows:,} rows in {out.dedup_partitions} exact-dedup partition(s): each dedup task "
-              f"holds ~{rows / out.dedup_partitions * 110 / 2 ** 30:.1f} GiB; set "
+              f"holds ~{rows / out.dedup_partitions * DEDUP_BYTES_PER_ROW / 2 ** 30:.1f} GiB; set "
               f"output.dedup_partitions={math.ceil(rows / DEDUP_ROWS_PER_TASK)} (one per {DEDUP_ROWS_PER_TASK:,} "
               "rows; the URL list is planned again with it)", flush=True)
     if cfg.image.phash_threshold >= 0 and rows * bands > NEAR_COPIES_PER_TASK * out.finalize_partitions:
         print(f"curate: warning: up to {rows * bands:,} pHash band copies ({bands} per candidate) in "
               f"{out.finalize_partitions} near-duplicate partition(s): each near task holds up to "
-              f"~{rows * bands / out.finalize_partitions * 350 / 2 ** 30:.1f} GiB; set output.finalize_partitions="
-              f"{math.ceil(rows * bands / NEAR_COPIES_PER_TASK)}", flush=True)
+              f"~{rows * bands / out.finalize_partitions * NEAR_BYTES_PER_COPY / 2 ** 30:.1f} GiB; set "
+              f"output.finalize_partitions={math.ceil(rows * bands / NEAR_COPIES_PER_TASK)}", flush=True)
 
 
 class PairKeyWriters:
@@ -481,10 +482,10 @@ def _warn_quadratic_near(cfg: CurationConfig, candidates: int) -> None:
     pairs = chance_pairs(candidates, h) if h >= 0 else 0.0
     hours = pairs / PAIRS_PER_SECOND / 3600
     if hours > 1:
-        lower = "; ".join(f"{t}: {min(w for _, w in band_layout(t))}-bit bands, a CPU-hour of chance pairs at "
+        lower = "; ".join(f"{t}: {narrowest_band(t)}-bit bands, a CPU-hour of chance pairs at "
                           f"~{rows_per_cpu_hour(t):.2g} candidates" for t in (3, 1) if t < h)
         print(f"curate: warning: near-duplicates at image.phash_threshold={h} over {candidates:,} candidates compare "
-              f"at least {pairs:.2g} chance pairs (quadratic in rows: its {min(w for _, w in band_layout(h))}-bit pHash "
+              f"at least {pairs:.2g} chance pairs (quadratic in rows: its {narrowest_band(h)}-bit pHash "
               f"bands), about {hours:,.1f} CPU-hour(s) over the near tasks; give them more tasks "
               f"(output.finalize_partitions), or lower image.phash_threshold ({lower}), or set it to -1", flush=True)
 

@@ -66,7 +66,7 @@ def measure_step(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     The RSS peak (VmHWM) is reset first, so it is this step's; with glibc it overstates what the
     step keeps alive (freed buffers stay resident), with jemalloc preloaded much less so.
     """
-    from sigscale.bench_memory import rss_hwm_bytes
+    from sigscale.core.procstat import rss_hwm_bytes
 
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux ≥ 4.0)
     rss_before = rss_hwm_bytes()

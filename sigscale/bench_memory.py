@@ -29,7 +29,7 @@ from sigscale import CONFIG_DIR
 from sigscale.core.config import ConfigError, find_config
 from sigscale.core.distributed import init_distributed, torchrun_command
 from sigscale.core.manifest import write_shards
-from sigscale.core.procstat import status_kib
+from sigscale.core.procstat import rss_hwm_bytes
 from sigscale.curation.synthetic import shard_records
 from sigscale.pretrain.config import PRESETS, load_config
 from sigscale.pretrain.sharding import is_deepspeed
@@ -63,11 +63,6 @@ def jemalloc_env(env: Dict[str, str]) -> Dict[str, str]:
     if os.path.isfile(JEMALLOC):
         env = dict(env, LD_PRELOAD=JEMALLOC)
     return env
-
-
-def rss_hwm_bytes(pid: int | str = "self") -> int:
-    """Peak resident set size (VmHWM) of a process, from /proc."""
-    return (status_kib(pid, "VmHWM") or 0) * 1024
 
 
 def local_bytes(t: Any) -> int:

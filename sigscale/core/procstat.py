@@ -1,4 +1,5 @@
-"""A process's memory as Linux reports it in /proc/<pid>/status: the one reader every benchmark uses.
+"""A process's memory: as Linux reports it in /proc/<pid>/status (the one reader every benchmark uses), and
+glibc's free heap handed back to the system.
 
 VmHWM, not ``getrusage().ru_maxrss``: Linux carries ru_maxrss across execve, so a process spawned
 by a large parent reports at least the parent's RSS (a spawned child of an 800 MiB parent: ru_maxrss
@@ -24,9 +25,14 @@ def status_kib(pid: int | str, field: str) -> Optional[int]:
     return None
 
 
+def rss_hwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) in bytes, 0 when unknown."""
+    return (status_kib(pid, "VmHWM") or 0) * 1024
+
+
 def peak_rss_mib(pid: int | str = "self") -> float:
     """Peak resident set size (VmHWM) in MiB, 0.0 when unknown."""
-    return round((status_kib(pid, "VmHWM") or 0) / 1024, 1)
+    return round(rss_hwm_bytes(pid) / 2 ** 20, 1)
 
 
 @functools.lru_cache(maxsize=1)
