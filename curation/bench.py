@@ -223,13 +223,11 @@ def planted_pair_keys(start: int, n: int, fraction: float, seed: int) -> Tuple[n
 
 def _keys_task(folder: str, writer: int, start: int, n: int, partitions: int, fraction: float, seed: int) -> dict:
     """The plan's share of one part: its rows' pair keys into the key partitions, by the planner's own writer."""
-    from sigscale.curation.pipeline import PairKeyWriters
+    from sigscale.curation.plan import PairKeyWriters
 
     t0 = time.perf_counter()
     k1, k2, _ = planted_pair_keys(start, n, fraction, seed)
-    out = Path(folder) / "keys" / f"w{writer:05d}"
-    out.mkdir()
-    with PairKeyWriters(out, partitions) as keys:
+    with PairKeyWriters(Path(folder) / "keys", partitions, f"w{writer:05d}") as keys:
         keys.write(np.arange(start, start + n, dtype=np.int64), k1, k2)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
@@ -237,7 +235,7 @@ def _keys_task(folder: str, writer: int, start: int, n: int, partitions: int, fr
 def _dedup_task(folder: str, k: int) -> dict:
     """One key partition: the later copies among its keys (the pipeline's later_copies), written to exact/."""
     t0 = time.perf_counter()
-    keys = pd.concat([pd.read_parquet(p) for p in sorted((Path(folder) / "keys").glob(f"w*/keys-{k:05d}.parquet"))])
+    keys = pd.concat([pd.read_parquet(p) for p in sorted((Path(folder) / "keys" / f"keys-{k:05d}").glob("*.parquet"))])
     rows = keys["row"].to_numpy(np.int64)
     later = later_copies(rows, keys["k1"].to_numpy(np.uint64), keys["k2"].to_numpy(np.uint64))
     pd.DataFrame({"row": rows[later]}).to_parquet(Path(folder) / "exact" / f"p{k:05d}.parquet", index=False)
@@ -390,13 +388,22 @@ def _url_list_task(path: str, start: int, n: int, fraction: float, seed: int) ->
     return int(copy.sum())
 
 
-def _plan_task(folder: str, partitions: int, rows_per_part: int) -> dict:
-    """The planner over the whole synthetic list (one process: it reads the list once, batch by batch)."""
-    from sigscale.curation.pipeline import plan_parts
+def _layout_task(folder: str, partitions: int, rows_per_part: int) -> dict:
+    """The plan's layout: every file's row count (parquet footers) and the parts."""
+    from sigscale.curation.plan import plan_layout
 
     t0 = time.perf_counter()
-    parts = plan_parts(_plan_config(folder, partitions, rows_per_part), dedup=False)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(parts)}
+    plan = plan_layout(_plan_config(folder, partitions, rows_per_part))
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(plan["parts"])}
+
+
+def _plan_file_task(folder: str, partitions: int, rows_per_part: int, f: int) -> dict:
+    """One file's plan task, through the pipeline's own plan_file."""
+    from sigscale.curation.plan import plan_file
+
+    t0 = time.perf_counter()
+    plan_file(_plan_config(folder, partitions, rows_per_part), f)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
 def _plan_config(folder: str, partitions: int, rows_per_part: int):
@@ -409,7 +416,7 @@ def _plan_config(folder: str, partitions: int, rows_per_part: int):
 
 def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -> dict:
     """One exact-dedup partition of the planned list, through the pipeline's own dedup_partition."""
-    from sigscale.curation.pipeline import dedup_partition
+    from sigscale.curation.plan import dedup_partition
 
     t0 = time.perf_counter()
     out = dedup_partition(_plan_config(folder, partitions, rows_per_part), k)
@@ -420,8 +427,9 @@ def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -
 def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int = 1_000_000,
                    rows_per_dedup_partition: int = 2_000_000, exact_fraction: float = 0.05, workers: int = 2,
                    seed: int = 0) -> dict:
-    """The planner and the exact dedup, through the pipeline's own functions, on a synthetic URL list of ``rows``
-    rows in parquet files: peak RSS of the planning process and of each dedup task, rows/s, copies caught."""
+    """The planner (layout, then a task per file over ``workers`` processes) and the exact dedup, through the
+    pipeline's own functions, on a synthetic URL list of ``rows`` rows in parquet files: peak RSS of every task,
+    rows/s, copies caught."""
     partitions = max(1, math.ceil(rows / rows_per_dedup_partition))
     files = [(start, min(rows_per_file, rows - start)) for start in range(0, rows, rows_per_file)]
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
@@ -431,16 +439,21 @@ def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int
         list(pool.map(_url_list_task, [str(Path(tmp) / "urls" / f"urls-{i:05d}.parquet") for i in range(len(files))],
                       *zip(*[(s, n, exact_fraction, seed) for s, n in files])))
         t1 = time.perf_counter()
-        planned = pool.submit(_plan_task, tmp, partitions, rows_per_part).result()
+        layout = pool.submit(_layout_task, tmp, partitions, rows_per_part).result()
         t2 = time.perf_counter()
+        planned = list(pool.map(_plan_file_task, *zip(*[(tmp, partitions, rows_per_part, f)
+                                                        for f in range(len(files))])))
+        t3 = time.perf_counter()
         deduped = list(pool.map(_plan_dedup_task, [tmp] * partitions, [partitions] * partitions,
                                 [rows_per_part] * partitions, range(partitions)))
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
     planted = np.concatenate([np.arange(s, s + n)[planted_identities(s, n, exact_fraction, seed)[1]] for s, n in files])
     dropped = np.concatenate([r.pop("dropped") for r in deduped])
-    return {"rows": rows, "files": len(files), "parts": planned["parts"], "partitions": partitions,
+    return {"rows": rows, "files": len(files), "parts": layout["parts"], "partitions": partitions,
             "workers": workers, "cpus": os.cpu_count(), "write_list_seconds": round(t1 - t0, 1),
-            "plan": _step([planned], t2 - t1, rows), "dedup": _step(deduped, t3 - t2, rows),
+            "layout": _step([layout], t2 - t1, rows), "plan": _step(planned, t3 - t2, rows),
+            "plan_rows_per_task_second": round(rows / sum(r["seconds"] for r in planned), 1),
+            "dedup": _step(deduped, t4 - t3, rows),
             "planted": len(planted), "caught": int(np.isin(planted, dropped).sum()),
             "false_drops": int((~np.isin(dropped, planted)).sum())}
 
@@ -448,12 +461,14 @@ def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int
 def render_plan_markdown(results: List[dict], command: str) -> str:
     """The BENCHMARKS.md table of :func:`run_plan_bench` results, with the command that made it."""
     lines = [f"`{command}`", "",
-             "| rows | files | parts | key partitions | peak RSS of the planner (MiB) | planner rows/s "
+             "| rows | files | parts | key partitions | processes | layout seconds (one task) "
+             "| peak RSS / plan task (MiB, max) | plan rows/s | plan rows per task-second "
              "| peak RSS / dedup task (MiB, max) | dedup rows/s | planted copies caught | false drops |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['rows']:,} | {r['files']} | {r['parts']} | {r['partitions']} "
-                     f"| {r['plan']['peak_rss_mib_max']} | {r['plan']['rows_per_second']:,} "
+        lines.append(f"| {r['rows']:,} | {r['files']} | {r['parts']} | {r['partitions']} | {r['workers']} "
+                     f"| {r['layout']['wall_seconds']} | {r['plan']['peak_rss_mib_max']} "
+                     f"| {r['plan']['rows_per_second']:,} | {r['plan_rows_per_task_second']:,} "
                      f"| {r['dedup']['peak_rss_mib_max']} | {r['dedup']['rows_per_second']:,} "
                      f"| {r['caught']:,} / {r['planted']:,} | {r['false_drops']} |")
     return "\n".join(lines) + "\n"

@@ -12,14 +12,18 @@ FINALIZE_STEPS = ("prepare", "scatter", "near", "score", "score-cut", "count", "
 def cmd_curate(args: argparse.Namespace) -> int:
     from sigscale.curation.config import load_curation_config
     from sigscale.curation.finalize import curate, finalize, finalize_steps
-    from sigscale.curation.pipeline import _finished_parts, dedup_partition, plan_parts, run_part
+    from sigscale.curation.pipeline import _finished_parts, plan_parts, run_part
+    from sigscale.curation.plan import dedup_partition, plan_file, plan_layout
 
     cfg = load_curation_config(args.config, args.overrides)
     if args.plan:
         print(f"{len(plan_parts(cfg))} part(s) planned in {cfg.work_dir}")
         return 0
+    if args.plan_file is not None:
+        plan_layout(cfg)
+        print(f"URL-list file {args.plan_file} planned: {plan_file(cfg, args.plan_file)}")
+        return 0
     if args.dedup is not None:
-        plan_parts(cfg, dedup=False)
         print(f"exact duplicates of partition {args.dedup}: {dedup_partition(cfg, args.dedup)}")
         return 0
     if args.part is not None:
@@ -46,9 +50,12 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true",
                       help="only split the URL list into parts and find its exact (url, caption) duplicates")
+    mode.add_argument("--plan-file", type=int, metavar="F",
+                      help="plan the URL list's file F only (one Slurm array task, one per file in input.path, "
+                      "in name order)")
     mode.add_argument("--dedup", type=int, metavar="K",
                       help="find the exact duplicates of key partition K only (one Slurm array task; "
-                      "output.dedup_partitions of them), after --plan")
+                      "output.dedup_partitions of them), once every file is planned")
     mode.add_argument("--part", type=int, help="run only this part (one Slurm array task); skips it when done")
     mode.add_argument("--finalize", action="store_true", help="only merge the finished parts into shards")
     mode.add_argument("--finalize-step", choices=FINALIZE_STEPS,

@@ -49,13 +49,14 @@ from sigscale.curation.balance import (METADATA_UNMATCHED, caption_counts, entry
                                        metadata_keep, metadata_summary)
 from sigscale.curation.config import CurationConfig, CurationError
 from sigscale.curation.partitions import EVAL_DUPLICATE, NEAR_DUPLICATE
-from sigscale.curation.pipeline import (BALANCE, DONE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE,
-                                        OUTCOMES, PLAN, SAMPLES, SAMPLES_PER_REASON, Part, _finished_parts, _flat,
-                                        _part_dir, _prepared, _sum_counts, _task_index, _write_json, finalize_key,
-                                        local_pool, near_partition, plan_parts, prepare_finalize, reasons_by_language,
-                                        run_part, run_tasks, scatter_part, short_side_histogram)
+from sigscale.curation.pipeline import (BALANCE, DROP_REASONS, KEPT_SAMPLES, LOW_SCORE, OUTCOMES, SAMPLES,
+                                        SAMPLES_PER_REASON, _finished_parts, _flat, _prepared, finalize_key,
+                                        near_partition, plan_parts, prepare_finalize, run_part, scatter_part,
+                                        short_side_histogram)
+from sigscale.curation.plan import DONE, Part, in_range, part_dir, part_rows, plan_drops, plan_stats
 from sigscale.curation.report import write_report
-from sigscale.curation.text_filters import merge_language_outcomes
+from sigscale.curation.tasks import local_pool, run_tasks, task_index, write_json
+from sigscale.curation.text_filters import merge_language_outcomes, reasons_by_language, sum_counts
 
 # Candidate columns the steps after the near-duplicate search read (no thumbnail, no image).
 _COLUMNS = ["row", "url", "caption", "caption_original", "declared_language", "extras", "language",
@@ -96,14 +97,9 @@ def _need(path: Path, step: str) -> Path:
     return path
 
 
-def _in_range(path: Path, part: Part) -> pd.DataFrame:
-    """The (row, reason) lines of a drops file that fall in the part's rows."""
-    return pq.read_table(path, filters=[("row", ">=", part.start), ("row", "<", part.stop)]).to_pandas()
-
-
 def _candidates(cfg: CurationConfig, part: Part) -> pd.DataFrame:
     """A part's candidates without images or thumbnails, in row order."""
-    path = _part_dir(cfg, part) / "candidates.parquet"
+    path = part_dir(cfg, part) / "candidates.parquet"
     if "shard" not in pq.read_schema(path).names:
         raise CurationError(f"{path} was written by an older sigscale (images inside it, not in img2dataset's tars); "
                             "curate into a new output.dir or delete its work/parts")
@@ -114,7 +110,7 @@ def _state(cfg: CurationConfig, part: Part) -> Tuple[pd.DataFrame, np.ndarray]:
     """A part's candidates (no images) and each one's reason so far (None: alive): eval/near duplicate, min_score."""
     folder = _prepared(cfg)
     meta = _candidates(cfg, part)
-    near = [_in_range(_need(folder / "drops" / f"p{k:05d}.parquet", "near"), part)
+    near = [in_range(_need(folder / "drops" / f"p{k:05d}.parquet", "near"), part)
             for k in range(cfg.output.finalize_partitions)]
     early = pd.concat(near, ignore_index=True).drop_duplicates("row").set_index("row")["reason"]
     reason = meta["row"].map(early).to_numpy(object)
@@ -127,7 +123,7 @@ def _state(cfg: CurationConfig, part: Part) -> Tuple[pd.DataFrame, np.ndarray]:
 def _task(cfg: CurationConfig, index: int, step: str, output: str) -> Tuple[List[Part], Part, Path]:
     """(all parts, the part of task ``index``, its step's output file assemble-*/<step dir>/<part><output>)."""
     parts = _finished_parts(cfg)
-    part = parts[_task_index(index, len(parts), step)]
+    part = parts[task_index(index, len(parts), step)]
     return parts, part, assemble_dir(cfg) / output.format(part=part.name)
 
 
@@ -154,7 +150,7 @@ def score_cut(cfg: CurationConfig) -> Path:
             folder = assemble_dir(cfg) / "score"
             arrays = [np.load(_need(folder / f"{p.name}.npy", "score"), mmap_mode="r") for p in _finished_parts(cfg)]
             cut = cut_at(arrays, math.ceil(cfg.image.score.top_fraction * sum(len(a) for a in arrays)))
-        _write_json(out, cut)
+        write_json(out, cut)
     return out
 
 
@@ -194,7 +190,7 @@ def count_part(cfg: CurationConfig, index: int) -> Path:
         matched = match_entries(meta["caption"].to_numpy(object)[alive], langs, entries)
         _save_npz(folder / "entries" / f"{part.name}.npz", entry_counts(matched, langs, entries))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(out, counts)
+    write_json(out, counts)
     return out
 
 
@@ -231,7 +227,7 @@ def balance_cut(cfg: CurationConfig) -> Path:
     elif cfg.balance.mode == "metadata":
         _save_npz(folder / ENTRY_TOTALS, _summed_npz([_need(folder / "entries" / f"{p.name}.npz", "count")
                                                       for p in parts]))
-    _write_json(out, {"languages": cuts})
+    write_json(out, {"languages": cuts})
     return out
 
 
@@ -263,14 +259,14 @@ def decide_part(cfg: CurationConfig, index: int) -> Path:
     language = pd.Series(meta["language"].to_numpy(object), index=meta["row"].to_numpy())
     info.update({"kept": int(decided["reason"].isna().sum()), "final": dict(Counter(dropped["reason"])),
                  "dropped_by_language": reasons_by_language(dropped, language)})
-    _write_json(out, info)
+    write_json(out, info)
     return out
 
 
 def _check_accounting(cfg: CurationConfig, part: Part, decided: pd.DataFrame) -> None:
     """Every input row of the part: dropped before download, dropped in the part, or decided here, once."""
-    plan = _in_range(cfg.work_dir / "plan_drops.parquet", part)["row"].to_numpy(np.int64)
-    early = pd.read_parquet(_part_dir(cfg, part) / "drops.parquet", columns=["row"])["row"].to_numpy(np.int64)
+    plan = plan_drops(cfg, part)["row"].to_numpy(np.int64)
+    early = pd.read_parquet(part_dir(cfg, part) / "drops.parquet", columns=["row"])["row"].to_numpy(np.int64)
     seen = np.sort(np.concatenate([plan, early, decided["row"].to_numpy(np.int64)]))
     if not np.array_equal(seen, np.arange(part.start, part.stop)):
         raise RuntimeError(f"accounting broken in {part.name}: rows {part.start}-{part.stop} but {len(plan)} plan "
@@ -300,7 +296,7 @@ def _record(r, images: TarImages) -> dict:
 def _records(cfg: CurationConfig, parts: List[Part]) -> Iterator[dict]:
     """Shard records of the kept rows of ``parts``, in row order, read lazily one part at a time."""
     for part in parts:
-        with TarImages(_part_dir(cfg, part) / "download" / "shards") as images:
+        with TarImages(part_dir(cfg, part) / "download" / "shards") as images:
             for r in _kept(cfg, part).itertuples(index=False):
                 yield _record(r, images)
 
@@ -328,7 +324,7 @@ def write_part(cfg: CurationConfig, index: int) -> Path:
         (folder / "written").mkdir(parents=True, exist_ok=True)
         (folder / "written" / f"{part.name}.txt").write_text("".join(c + "\n" for c in captions), encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(out, {"shards": infos})
+    write_json(out, {"shards": infos})
     return out
 
 
@@ -377,11 +373,11 @@ def run_finalize_steps(cfg: CurationConfig, parts: List[Part]) -> None:
 def finalize(cfg: CurationConfig) -> Path:
     """Run the steps not yet done, then merge: manifest.json, stats.json, captions.txt, outcomes, report."""
     parts = _finished_parts(cfg)
-    plan = json.loads((cfg.work_dir / PLAN).read_text())
+    plan = plan_stats(cfg)
     t0 = time.perf_counter()
     run_finalize_steps(cfg, parts)
     folder, out = assemble_dir(cfg), cfg.out_dir
-    done = [json.loads((_part_dir(cfg, p) / DONE).read_text()) for p in parts]
+    done = [json.loads((part_dir(cfg, p) / DONE).read_text()) for p in parts]
     decided = [json.loads((folder / "decided" / f"{p.name}.json").read_text()) for p in parts]
     infos = [ShardInfo(**s) for p in parts for s in json.loads((folder / "written" / f"{p.name}.json").read_text())["shards"]]
     manifest = Manifest(shards=infos, config_hash=config_hash(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -402,7 +398,7 @@ def finalize(cfg: CurationConfig) -> Path:
     else:
         stats["metadata_balance"] = {}
     stats["timing"]["finalize_seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", stats)
     write_report(stats, out, plots=cfg.output.plots, name=cfg.name, samples=_report_samples(cfg, parts))
     print(f"curate: kept {manifest.num_samples} of {plan['input_rows']} rows in {len(infos)} shard(s) at {out}",
           flush=True)
@@ -442,8 +438,8 @@ def _write_outcomes(cfg: CurationConfig, parts: List[Part]) -> None:
     schema = pa.schema([("row", pa.int64()), ("reason", pa.string())])
     with pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
-            rows = pd.concat([_in_range(cfg.work_dir / "plan_drops.parquet", part),
-                              pd.read_parquet(_part_dir(cfg, part) / "drops.parquet"),
+            rows = pd.concat([plan_drops(cfg, part),
+                              pd.read_parquet(part_dir(cfg, part) / "drops.parquet"),
                               pd.read_parquet(assemble_dir(cfg) / "decided" / f"{part.name}.parquet")],
                              ignore_index=True).sort_values("row", ignore_index=True)
             writer.write_table(pa.Table.from_pandas(rows[["row", "reason"]].astype({"row": np.int64}), schema,
@@ -454,7 +450,7 @@ def _write_outcomes(cfg: CurationConfig, parts: List[Part]) -> None:
 def _stats(cfg: CurationConfig, plan: dict, done: List[dict], decided: List[dict], manifest: Manifest) -> dict:
     """stats.json of a finalized run (finalize adds its own seconds): counts, funnel, languages, config, timing."""
     final = sum((Counter(d["final"]) for d in decided), Counter())
-    dropped = Counter({r: sum(by.values()) for r, by in plan.get("dropped_by_language", {}).items()})
+    dropped = Counter({r: sum(by.values()) for r, by in plan["dropped_by_language"].items()})
     for d in done:
         dropped.update(d["dropped"])
     dropped.update(final)
@@ -468,11 +464,11 @@ def _stats(cfg: CurationConfig, plan: dict, done: List[dict], decided: List[dict
         "input_rows": n, "kept": manifest.num_samples, "dropped_total": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
         "funnel": _funnel(n, plan, done, final),
-        "dropped_by_language": _sum_counts([plan.get("dropped_by_language", {}),
-                                            *(d.get("dropped_by_language", {}) for d in done),
-                                            *(d["dropped_by_language"] for d in decided)]),
+        "dropped_by_language": sum_counts([plan["dropped_by_language"],
+                                           *(d.get("dropped_by_language", {}) for d in done),
+                                           *(d["dropped_by_language"] for d in decided)]),
         # Captions kept after removing these characters (counted per caption), not dropped.
-        "captions_cleaned": plan.get("captions_cleaned", {}),
+        "captions_cleaned": plan["captions_cleaned"],
         "languages_before": dict(sorted(sum((Counter(d["languages_text"]) for d in done), Counter()).items())),
         "languages_after": manifest.languages,
         "language_id": merge_language_outcomes(d.get("language_id", {}) for d in done),
@@ -495,7 +491,7 @@ _FUNNEL = (("download (img2dataset)", "download"), ("image checks", "image"))
 
 def _funnel(n: int, plan: dict, done: List[dict], final: Counter) -> List[list]:
     """[[step, rows left after it], ...] from the input rows to the kept ones."""
-    plan_dropped = sum(sum(v.values()) for v in plan.get("dropped_by_language", {}).values())
+    plan_dropped = sum(sum(v.values()) for v in plan["dropped_by_language"].values())
     steps = [["input rows", n], ["plan: invalid URLs, empty captions", n - plan_dropped]]
     for label, stage in (("exact (url, caption) duplicates", "exact"), ("text filters", "text"), *_FUNNEL):
         steps.append([label, steps[-1][1] - sum(sum(d.get("dropped_by_stage", {}).get(stage, {}).values())
@@ -510,11 +506,11 @@ def _report_samples(cfg: CurationConfig, parts: List[Part]) -> dict:
     """Images for report.html: the first kept samples, and the first dropped ones per reason that has an image."""
     kept, finals, early = [], {}, {}
     for part in parts:
-        folder = _part_dir(cfg, part)
+        folder = part_dir(cfg, part)
         samples = pd.read_parquet(folder / SAMPLES) if (folder / SAMPLES).is_file() else pd.DataFrame()
         samples = samples[[len(early.get(r, [])) < SAMPLES_PER_REASON for r in samples.get("reason", [])]]
         if len(samples):  # image-stage drops: their captions are in the part's input rows
-            inputs = pd.read_parquet(cfg.work_dir / "inputs" / f"{part.name}.parquet", columns=["row", "caption"])
+            inputs = part_rows(cfg, part, ["row", "caption"])
             caption = inputs.set_index("row")["caption"]
             for r in samples.itertuples(index=False):
                 early.setdefault(r.reason, []).append((caption[r.row], None, r.jpg))

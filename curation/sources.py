@@ -12,6 +12,7 @@ import json
 import lzma
 import math
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -91,25 +92,11 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
     return df.iloc[1:].set_axis(header, axis=1).reset_index(drop=True)
 
 
-def _read(path: Path, fmt: str, columns: List[str], batch_rows: int) -> Iterator[pd.DataFrame]:
-    """The file's rows, ``batch_rows`` at a time for parquet, whole for the text formats."""
+@contextmanager
+def _reading(path: Path, fmt: str) -> Iterator[None]:
+    """Any error a damaged file raises while it is decompressed or parsed, as one CurationError that names it."""
     try:
-        if fmt == "parquet":
-            with pq.ParquetFile(path) as f:
-                have = f.schema_arrow.names
-                batches = f.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in have])
-                empty = True
-                for batch in batches:
-                    empty = False
-                    yield batch.to_pandas()
-                if empty:
-                    yield f.schema_arrow.empty_table().to_pandas()
-        elif fmt in ("csv", "tsv"):
-            yield _read_csv(path, "," if fmt == "csv" else "\t")
-        else:
-            yield pd.read_json(path, lines=True, dtype=False)
-    except pd.errors.EmptyDataError:
-        yield pd.DataFrame(columns=columns)
+        yield
     except _READ_ERRORS as e:
         if isinstance(e, CurationError):
             raise
@@ -117,6 +104,28 @@ def _read(path: Path, fmt: str, columns: List[str], batch_rows: int) -> Iterator
         cause = str(e).splitlines()[0] if str(e) else "no message"
         raise CurationError(f"cannot read URL list {path} as {fmt} ({kind}: {cause}); the file is "
                             "damaged or not in that format: re-create or re-download it, or set input.format") from None
+
+
+def _read(path: Path, fmt: str, columns: List[str], batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The file's rows, ``batch_rows`` at a time for parquet, whole for the text formats."""
+    with _reading(path, fmt):
+        try:
+            if fmt == "parquet":
+                with pq.ParquetFile(path) as f:
+                    have = f.schema_arrow.names
+                    batches = f.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in have])
+                    empty = True
+                    for batch in batches:
+                        empty = False
+                        yield batch.to_pandas()
+                    if empty:
+                        yield f.schema_arrow.empty_table().to_pandas()
+            elif fmt in ("csv", "tsv"):
+                yield _read_csv(path, "," if fmt == "csv" else "\t")
+            else:
+                yield pd.read_json(path, lines=True, dtype=False)
+        except pd.errors.EmptyDataError:
+            yield pd.DataFrame(columns=columns)
 
 
 def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
@@ -133,28 +142,59 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
 BATCH_ROWS = 250_000
 
 
+def _columns(cfg: InputConfig) -> List[str]:
+    return [cfg.url_col, cfg.caption_col, *([cfg.language_col] if cfg.language_col else []), *cfg.extra_cols]
+
+
+def _require_columns(have: List[str], cfg: InputConfig, path: Path) -> None:
+    missing = [c for c in _columns(cfg) if c not in have]
+    if missing:
+        raise CurationError(
+            f"URL list {path} has no column(s) {missing} (it has {list(have)[:20]}); "
+            "set input.url_col / input.caption_col / input.language_col / input.extra_cols to its names"
+        )
+
+
+def count_rows(cfg: InputConfig, path: Path) -> int:
+    """Rows of one URL-list file, its columns checked: a parquet file's footer (no rows read), a text file parsed
+    (as :func:`iter_file` will parse it). The planner numbers every file's rows from this before any task reads
+    them, so that each file can be planned on its own."""
+    fmt = _format_of(path, cfg.format)
+    if fmt == "parquet":
+        with _reading(path, fmt), pq.ParquetFile(path) as f:
+            _require_columns(f.schema_arrow.names, cfg, path)
+            return f.metadata.num_rows
+    n = 0
+    for df in _read(path, fmt, _columns(cfg), BATCH_ROWS):
+        if len(df):
+            _require_columns(list(df.columns), cfg, path)
+        n += len(df)
+    return n
+
+
+def iter_file(cfg: InputConfig, path: Path, start: int = 0, batch_rows: Optional[int] = None) -> Iterator[pd.DataFrame]:
+    """One file of the URL list in batches of columns row, url, caption, declared_language, extras (JSON), its
+    rows numbered from ``start``."""
+    for df in _read(path, _format_of(path, cfg.format), _columns(cfg), batch_rows or BATCH_ROWS):
+        if len(df):
+            yield _batch(df, cfg, path, start)
+            start += len(df)
+
+
 def iter_url_list(cfg: InputConfig, batch_rows: Optional[int] = None) -> Iterator[pd.DataFrame]:
-    """The URL list in batches of columns row, url, caption, declared_language, extras (JSON), rows ascending."""
-    batch_rows = batch_rows or BATCH_ROWS
-    columns = [cfg.url_col, cfg.caption_col, *([cfg.language_col] if cfg.language_col else []), *cfg.extra_cols]
+    """The whole URL list in :func:`iter_file`'s batches, rows numbered in file order, then line order."""
     start = 0
     for path in list_files(cfg):
-        for df in _read(path, _format_of(path, cfg.format), columns, batch_rows):
-            if len(df):
-                yield _batch(df, cfg, columns, path, start)
-                start += len(df)
+        for batch in iter_file(cfg, path, start, batch_rows):
+            yield batch
+            start += len(batch)
     if start == 0:
         raise CurationError(f"URL list {cfg.path} has no rows; nothing to curate")
 
 
-def _batch(df: pd.DataFrame, cfg: InputConfig, columns: List[str], path: Path, start: int) -> pd.DataFrame:
+def _batch(df: pd.DataFrame, cfg: InputConfig, path: Path, start: int) -> pd.DataFrame:
     """One batch of a file in the pipeline's columns, its rows numbered from ``start``."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise CurationError(
-            f"URL list {path} has no column(s) {missing} (it has {list(df.columns)[:20]}); "
-            "set input.url_col / input.caption_col / input.language_col / input.extra_cols to its names"
-        )
+    _require_columns(list(df.columns), cfg, path)
     for col in (cfg.url_col, cfg.caption_col, cfg.language_col):
         if col:
             _text_column(df, col, path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -266,3 +267,21 @@ def merge_language_outcomes(tables: Iterable[Dict[str, dict]]) -> Dict[str, dict
             for key, value in entry.items():
                 total[key] = (total[key] + value)[:MISMATCH_EXAMPLES] if key == "examples" else total[key] + value
     return dict(sorted(out.items()))
+
+
+def reasons_by_language(drops: pd.DataFrame, language: pd.Series) -> Dict[str, Dict[str, int]]:
+    """{reason: {language: rows}} of a drops frame (row, reason); rows without a language count as "und"."""
+    langs = language.reindex(drops["row"].to_numpy()).fillna(UNDETERMINED).to_numpy(object)
+    out: Dict[str, Counter] = {}
+    for reason, lang in zip(drops["reason"], langs):
+        out.setdefault(reason, Counter())[lang] += 1
+    return {reason: dict(sorted(c.items())) for reason, c in sorted(out.items())}
+
+
+def sum_counts(tables: Iterable[Dict[str, Dict[str, int]]]) -> Dict[str, Dict[str, int]]:
+    """Sum {reason: {language: rows}} tables (:func:`reasons_by_language`'s) over tasks."""
+    out: Dict[str, Counter] = {}
+    for table in tables:
+        for key, counts in table.items():
+            out.setdefault(key, Counter()).update(counts)
+    return {key: dict(sorted(c.items())) for key, c in sorted(out.items())}

@@ -76,10 +76,12 @@ def _then(first: Submission, kind: str, tasks: Sequence[ArrayTask], cluster: str
 
 
 def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> Submission:
-    """Arrays chained by afterok: exact dedup per key partition, a task per URL-list part, the finalize steps
-    (:func:`sigscale.curation.finalize.finalize_steps`: per part, per partition or once), then the merge."""
+    """Arrays chained by afterok: the plan per URL-list file, exact dedup per key partition, a task per part,
+    the finalize steps (:func:`sigscale.curation.finalize.finalize_steps`: per part, per partition or once),
+    then the merge. Only the layout (every file's row count) is computed here."""
     from sigscale.curation.finalize import finalize, finalize_steps
-    from sigscale.curation.pipeline import dedup_partition, plan_parts, run_part
+    from sigscale.curation.pipeline import run_part
+    from sigscale.curation.plan import dedup_partition, parts_of, plan_file, plan_layout
 
     run_dir = Path(cfg.output.dir).absolute()
     cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=_absolute(cfg.input.path)),
@@ -87,15 +89,16 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
     if res.job_name == Resources.job_name:
         res = dataclasses.replace(res, job_name=f"sigscale-curate-{cfg.name}")
     with nothing_left_if_refused(run_dir):
-        # Reads the URL list once, here, batch by batch; tasks read only their partition's keys or part's rows.
-        parts = plan_parts(cfg, dedup=False)
+        plan = plan_layout(cfg)  # parquet footers only: no row of the list is read on this machine
+        parts = parts_of(plan)
         part_tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
         if dry_run:
             return submit_array(run_dir, "curate", part_tasks, cluster, res, dry_run)
-        sub = submit_array(run_dir, "curate-dedup", [ArrayTask(f"dedup-{k:05d}", dedup_partition, (cfg, k))
-                                                     for k in range(cfg.output.dedup_partitions)], cluster, res)
+        sub = submit_array(run_dir, "curate-plan", [ArrayTask(f"plan-{f:05d}", plan_file, (cfg, f))
+                                                    for f in range(len(plan["files"]))], cluster, res)
         sub = dataclasses.replace(sub, kind="curate")  # the chain's name in progress lines and failures
-    steps = [("curate", part_tasks),
+    steps = [("dedup", [ArrayTask(f"dedup-{k:05d}", dedup_partition, (cfg, k)) for k in range(plan["dedup_partitions"])]),
+             ("curate", part_tasks),
              *((step.name, [ArrayTask(*task) for task in step.tasks]) for step in finalize_steps(cfg, parts)),
              ("finalize", [ArrayTask("finalize", finalize, (cfg,))])]
     for kind, step in steps:

@@ -1,13 +1,14 @@
 """Exact (url, caption) dedup over a whole URL list, streamed in batches and partitioned by pair key."""
 import json
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from sigscale.cli import main
-from sigscale.curation import pipeline, sources
+from sigscale.curation import pipeline, plan as planning, sources
 from sigscale.curation.config import CurationError, load_curation_config
 from sigscale.curation.text_filters import normalize_caption
 
@@ -60,23 +61,29 @@ def test_partitioned_dedup_finds_every_later_copy_across_files_parts_and_batches
                                            "input.language_col=language", "output.rows_per_part=50",
                                            f"output.dedup_partitions={partitions}", f"output.local_processes={processes}"])
     if processes > 1:  # the dedup tasks cannot run here: they must run in the spawned processes
-        monkeypatch.setattr(pipeline, "later_copies", lambda *a: pytest.fail("ran in the planning process"))
+        monkeypatch.setattr(planning, "later_copies", lambda *a: pytest.fail("ran in the planning process"))
     parts = pipeline.plan_parts(cfg)
     monkeypatch.undo()
     assert len(parts) == 7 and parts[-1].stop == len(frame) == 330
-    found = set(np.concatenate([pipeline._duplicates_in(cfg, p) for p in parts]).tolist())
+    found = set(np.concatenate([planning.duplicates_in(cfg, p) for p in parts]).tolist())
     assert found == set(planted) == _dense_reference(frame)
     for part in parts:
-        assert all(part.start <= r < part.stop for r in pipeline._duplicates_in(cfg, part))
+        assert all(part.start <= r < part.stop for r in planning.duplicates_in(cfg, part))
     # Every row lands once: in its part's input (duplicates too: the part drops and counts them) or in the plan drops.
-    inputs = pd.concat([pd.read_parquet(cfg.work_dir / "inputs" / f"{p.name}.parquet") for p in parts])
-    plan_drops = pd.read_parquet(cfg.work_dir / "plan_drops.parquet")
+    inputs = pd.concat([planning.part_rows(cfg, p) for p in parts])
+    plan_drops = pd.concat([planning.plan_drops(cfg, p) for p in parts])
     assert sorted(inputs["row"].tolist() + plan_drops["row"].tolist()) == list(range(len(frame)))
     assert dict(zip(plan_drops["row"], plan_drops["reason"])) == {313: "url_invalid", 314: "caption_empty"}
+    # Part 3 (rows 150-199) spans both files: a piece from each, written by each file's own task.
+    assert sorted(p.name for p in (cfg.work_dir / "inputs" / "part-00003").iterdir()) == [
+        "file-00000.parquet", "file-00001.parquet"]
+    assert planning.part_rows(cfg, parts[3])["row"].tolist() == list(range(150, 200))
     plan = json.loads((cfg.work_dir / "plan.json").read_text())
-    assert plan["dedup_partitions"] == partitions and plan["dropped_by_language"] == {
-        "caption_empty": {"en": 1}, "url_invalid": {"en": 1}}
-    keys = [pd.read_parquet(cfg.work_dir / "dedup" / f"keys-{k:05d}.parquet") for k in range(partitions)]
+    assert plan["dedup_partitions"] == partitions and [(f["rows"], f["start"]) for f in plan["files"]] == [
+        (170, 0), (160, 170)]
+    assert planning.plan_stats(cfg)["dropped_by_language"] == {"caption_empty": {"en": 1}, "url_invalid": {"en": 1}}
+    keys = [pd.concat([pd.read_parquet(p) for p in sorted((cfg.work_dir / "dedup" / f"keys-{k:05d}").iterdir())])
+            for k in range(partitions)]
     assert sum(len(k) for k in keys) == len(frame) - 2 and all(len(k) < len(frame) for k in keys[1:])
 
 
@@ -97,5 +104,37 @@ def test_a_part_refuses_to_run_before_its_duplicates_are_known_and_the_cli_runs_
     assert main([*args, "--dedup", "2"]) == 2
     assert "--dedup 2 is out of range for the dedup step: it has 2 task(s) (0..1)" in capsys.readouterr().err
     assert main([*args, "--dedup", "0"]) == 0
-    found = np.concatenate([pipeline._duplicates_in(cfg, p) for p in parts])
+    found = np.concatenate([planning.duplicates_in(cfg, p) for p in parts])
     assert set(found.tolist()) == set(planted)
+
+
+def test_each_file_is_planned_by_its_own_task_and_steps_refuse_to_run_early(tmp_path, capsys):
+    """The CLI's --plan-file runs one file's task; dedup waits for every file, a part for the pieces of its files."""
+    frame, planted = _url_list(tmp_path / "urls")
+    args = ["curate", "--config", "default", f"input.path={tmp_path / 'urls'}", f"output.dir={tmp_path / 'out'}",
+            "output.rows_per_part=100", "output.dedup_partitions=2"]
+    cfg = load_curation_config("default", args[3:])
+    plan = planning.plan_layout(cfg)
+    assert [Path(f["path"]).name for f in plan["files"]] == ["a.parquet", "b.parquet"]
+    assert not any((cfg.work_dir / "plan").iterdir())  # the layout reads no row: only the parquet footers
+    assert "330 rows in 2 file(s), 4 part(s) of up to 100 rows" in capsys.readouterr().out
+    assert main([*args, "--plan-file", "1"]) == 0
+    assert "URL-list file 1 planned: " in capsys.readouterr().out
+    with pytest.raises(CurationError, match=r"1 of 2 URL-list file\(s\) are not planned yet, e.g. \['a.parquet'\] "
+                                            r"\(file\(s\) \[0\]\); run `sigscale curate --plan-file F` for each F"):
+        planning.dedup_partition(cfg, 0)
+    # Part 1 (rows 100-199) needs a piece from a.parquet, not planned yet; part 3 lies in b.parquet alone.
+    parts = planning.parts_of(plan)
+    with pytest.raises(CurationError, match=r"inputs/part-00001/file-00000.parquet is missing; plan the URL list"):
+        planning.part_rows(cfg, parts[1])
+    assert planning.part_rows(cfg, parts[3])["row"].tolist() == [r for r in range(300, 330) if r not in (313, 314)]
+    assert main([*args, "--plan-file", "2"]) == 2
+    assert "--plan-file 2 is out of range for the plan step: it has 2 task(s) (0..1)" in capsys.readouterr().err
+    assert main([*args, "--plan-file", "0"]) == 0
+    assert main([*args, "--dedup", "0"]) == 0 and main([*args, "--dedup", "1"]) == 0
+    assert set(np.concatenate([planning.duplicates_in(cfg, p) for p in parts]).tolist()) == set(planted)
+    # A file that changes under a plan is refused by its task, not numbered anew.
+    (cfg.work_dir / "plan" / "file-00001.json").unlink()
+    frame.iloc[170:200].to_parquet(tmp_path / "urls" / "b.parquet")
+    with pytest.raises(CurationError, match=r"b.parquet has 30 rows now and had 160 when the list was laid out"):
+        planning.plan_file(cfg, 1)

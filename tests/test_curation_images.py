@@ -201,3 +201,43 @@ def test_score_filter_names_an_unloadable_checkpoint(tiny_scorer, tmp_path):
     _, tok = tiny_scorer
     with pytest.raises(CurationError, match=r"image.score.model .* cannot be loaded: .* is neither a Hugging Face"):
         score_pairs([b""], ["x"], ScoreConfig(model=str(tmp_path), tokenizer=str(tok)))
+
+
+def test_top_fraction_keeps_the_best_scored_candidates_over_every_part_through_a_real_scorer(tiny_scorer, tmp_path):
+    """curate with image.score.top_fraction over 3 parts: each part scores its images with the checkpoint, one task
+    cuts, and the rows kept are exactly the dense reference's: the top half of all candidates left after the
+    near-duplicate search, by score, over the whole list."""
+    import json
+    import math
+
+    from sigscale.curation.config import load_curation_config
+    from sigscale.curation.finalize import curate
+    from sigscale.curation.pipeline import load_outcomes
+    from sigscale.curation.serve import ImageServer, write_url_list
+
+    run_dir, tok = tiny_scorer
+    with ImageServer() as server:
+        urls = write_url_list(tmp_path / "urls.parquet", 72, server.base_url, seed=5)
+        cfg = load_curation_config("demo", [
+            f"input.path={urls}", f"output.dir={tmp_path / 'out'}", "output.rows_per_part=24",
+            "download.processes=1", "download.threads=4", "output.plots=false", "output.local_processes=1",
+            f"image.score.model={run_dir}", f"image.score.tokenizer={tok}", "image.score.top_fraction=0.5",
+            "balance.mode=none"])
+        out = curate(cfg)
+    reasons = load_outcomes(out).set_index("row")["reason"]
+    parts = sorted((cfg.work_dir / "parts").iterdir())
+    cands = pd.concat([pd.read_parquet(p / "candidates.parquet", columns=["row", "score"]) for p in parts])
+    assert len(parts) == 3 and cands["score"].notna().all() and cands["score"].nunique() == len(cands)
+    alive = cands[~cands["row"].map(reasons).isin(["near_duplicate", "eval_duplicate"])]
+    top = alive.sort_values(["score", "row"], ascending=[False, True]).head(math.ceil(0.5 * len(alive)))
+    kept = set(reasons[reasons.isna()].index)
+    assert kept == set(top["row"]) and len(kept) >= 10
+    assert set(reasons[reasons == "low_score"].index) == set(alive["row"]) - kept
+    # The cut is global: the top half of each part on its own would keep other rows (so the test can tell).
+    per_part = set()
+    for p in parts:
+        mine = alive[alive["row"].isin(pd.read_parquet(p / "candidates.parquet", columns=["row"])["row"])]
+        per_part |= set(mine.sort_values(["score", "row"], ascending=[False, True]).head(math.ceil(0.5 * len(mine)))["row"])
+    assert per_part != kept
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped"]["low_score"] == len(alive) - len(kept) and stats["kept"] == len(kept)

@@ -109,11 +109,13 @@ def test_plan_bench_runs_the_pipeline_planner_and_dedup_on_a_generated_url_list(
 
     result = run_plan_bench(12000, rows_per_file=7000, rows_per_part=4000, rows_per_dedup_partition=6000)
     assert (result["files"], result["parts"], result["partitions"], result["dedup"]["tasks"]) == (2, 3, 2, 2)
+    assert result["plan"]["tasks"] == 2 and result["plan_rows_per_task_second"] > 0  # a plan task per file
     # Copies of originals in other files and parts, some respaced: all caught by the pipeline's own dedup.
     assert 400 < result["planted"] == result["caught"] and result["false_drops"] == 0
     assert result["plan"]["peak_rss_mib_max"] > 0 and result["dedup"]["rows_per_second"] > 0
     table = render_plan_markdown([result], "sigscale bench curation --rows 12000 --sections plan")
-    assert f"| 12,000 | 2 | 3 | 2 | {result['plan']['peak_rss_mib_max']} |" in table
+    assert (f"| 12,000 | 2 | 3 | 2 | 2 | {result['layout']['wall_seconds']} | {result['plan']['peak_rss_mib_max']} "
+            f"| {result['plan']['rows_per_second']:,} |") in table
     assert f"| {result['planted']:,} / {result['planted']:,} | 0 |" in table
 
 
@@ -138,12 +140,12 @@ def test_a_quadratic_near_duplicate_search_is_announced_with_its_fix(capsys):
 
 def test_partition_counts_too_small_for_the_list_are_announced_with_their_fix(capsys):
     from sigscale.curation.config import load_curation_config
-    from sigscale.curation.pipeline import _warn_partition_sizes
+    from sigscale.curation.plan import warn_partition_sizes
 
     cfg = load_curation_config("default", ["input.path=x", "output.dir=y"])  # 1 and 1 partitions, h = 8: 9 bands
-    _warn_partition_sizes(cfg, 600_000)
+    warn_partition_sizes(cfg, 600_000)
     assert capsys.readouterr().out == ""  # 5.4M band copies: one task of each holds it
-    _warn_partition_sizes(cfg, 50_000_000)
+    warn_partition_sizes(cfg, 50_000_000)
     out = capsys.readouterr().out
     assert "50,000,000 rows in 1 exact-dedup partition(s): each dedup task holds ~5.1 GiB; set " \
            "output.dedup_partitions=3 (one per 20,000,000 rows" in out
@@ -151,7 +153,7 @@ def test_partition_counts_too_small_for_the_list_are_announced_with_their_fix(ca
     assert "set output.finalize_partitions=75" in out
     cfg = load_curation_config("default", ["input.path=x", "output.dir=y", "output.dedup_partitions=3",
                                            "output.finalize_partitions=75"])
-    _warn_partition_sizes(cfg, 50_000_000)
+    warn_partition_sizes(cfg, 50_000_000)
     assert capsys.readouterr().out == ""
 
 

@@ -20,6 +20,7 @@ from sigscale.curation.image_filters import close_pairs, same_colours
 from sigscale.core.manifest import load_manifest
 from sigscale.curation.finalize import curate, finalize, finalize_steps
 from sigscale.curation.pipeline import load_outcomes, plan_parts, run_part
+from sigscale.curation.plan import part_rows
 from sigscale.curation.serve import ImageServer, write_url_list
 
 pytestmark = pytest.mark.slow  # two img2dataset runs (worker start-up dominates): ~40 s
@@ -80,7 +81,7 @@ def test_curation_says_how_far_each_stage_is_with_counts_and_eta(curated):
     log, parts, cfg = curated["log"], curated["parts"], curated["cfg"]
     clock = r"\d+:\d\d:\d\d"
     text = re.search(r"^curate: part-00001 text: (\d+) rows, (\d+) kept \(", log, re.M)
-    rows = len(pd.read_parquet(cfg.work_dir / "inputs" / "part-00001.parquet"))
+    rows = len(part_rows(cfg, parts[1]))
     assert text and int(text.group(1)) == rows and 0 < int(text.group(2)) <= rows
     kept = int(text.group(2))
     downloads = re.findall(rf"^curate: download part-00001: (\d+)/{kept} URLs done, {clock} elapsed, eta (\S+)$",

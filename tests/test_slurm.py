@@ -174,7 +174,8 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
     from sigscale.curation.config import load_curation_config
     from sigscale.core.manifest import load_manifest
     from sigscale.curation.finalize import assemble_key
-    from sigscale.curation.pipeline import finalize_key, plan_parts
+    from sigscale.curation.pipeline import finalize_key
+    from sigscale.curation.plan import parts_of, read_plan
     from sigscale.curation.serve import ImageServer, write_url_list
 
     with ImageServer() as server:
@@ -184,7 +185,7 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
                                             "download.threads=4", "output.plots=false",
                                             "output.finalize_partitions=2", "output.dedup_partitions=2"])
         sub = submit_curate(cfg, "slurm", Resources(cpus_per_task=1, time_min=60, array_parallelism=2))
-        key = finalize_key(cfg, plan_parts(cfg))
+        key = finalize_key(cfg, parts_of(read_plan(cfg)))
         steps = [f"prepare-{key}", *(f"scatter-{key}-part-0000{i}" for i in range(3)),
                  *(f"near-{key}-p0000{k}" for k in range(2)),
                  *(f"score-{key}-{assemble_key(cfg)}-part-0000{i}" for i in range(3)),
@@ -193,21 +194,21 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
                  f"balance-cut-{key}-{assemble_key(cfg)}",
                  *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ("decide", "write") for i in range(3)),
                  "finalize"]
-        parts = ["dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
+        parts = ["plan-00000", "dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
         assert sub.names == [*parts, *steps]
         wait(sub, poll_s=1, timeout_s=400)
     out = tmp_path / "curated"
     manifest = load_manifest(out / "manifest.json")
     stats = json.loads((out / "stats.json").read_text())
     assert manifest.num_samples > 0 and stats["input_rows"] == 60
-    parts_array = sub.jobs[2].job_id.split("_")[0]
+    parts_array = sub.jobs[3].job_id.split("_")[0]
     (script_path,) = (out / "slurm").glob(f"*-curate/{parts_array}_submission.sh")  # each array has its folder
     script = script_path.read_text()
     assert "#SBATCH --array=0-2%2" in script
     # each step started after the one before ended (afterok dependency on the arrays)
     arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
-    # dedup, parts, prepare, scatter, near, score, score-cut, count, balance-cut, decide, write, merge
-    assert len(arrays) == 12
+    # plan, dedup, parts, prepare, scatter, near, score, score-cut, count, balance-cut, decide, write, merge
+    assert len(arrays) == 13
     for before, after in zip(arrays, arrays[1:]):
         assert max(_times(before, "End")) <= min(_times(after, "Start"))
     assert len(list((out / "work" / "finalize" / "drops").glob("p*.parquet"))) == 2
