@@ -35,7 +35,7 @@ from sigscale.core.procstat import trim_heap
 from sigscale.curation.config import CurationConfig, CurationError
 from sigscale.curation.langid import declared_code
 from sigscale.curation.partitions import band_layout
-from sigscale.curation.sources import COLUMNS as URL_COLUMNS, count_rows, iter_file, list_files
+from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_file, list_files, number_files
 from sigscale.curation.tasks import task_index, write_json
 from sigscale.curation.text_filters import (CLEANED, cleaned_counts, later_copies, normalize_rows, pair_keys,
                                            reasons_by_language, sum_counts)
@@ -98,22 +98,18 @@ def plan_layout(cfg: CurationConfig) -> dict:
             raise CurationError(
                 f"{work} holds {len(done)} finished part(s) of a different URL list, input config or sigscale "
                 f"version (input.path={cfg.input.path}); use a new output.dir or delete {work}")
-    paths = list_files(cfg.input)
-    counts = [count_rows(cfg.input, p) for p in paths]
-    n = sum(counts)
-    if n == 0:
-        raise CurationError(f"URL list {cfg.input.path} has no rows; nothing to curate")
+    files = number_files(cfg.input)
+    n = sum(rows for _, rows, _ in files)
     for stale in (work / PLAN_DIR, work / INPUTS_DIR, work / DEDUP_DIR):
         shutil.rmtree(stale, ignore_errors=True)
         stale.mkdir(parents=True)
-    starts = np.cumsum([0, *counts]).tolist()
     step = cfg.output.rows_per_part
     parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
     plan = {"fingerprint": fingerprint, "input_rows": n,
-            "files": [{"path": str(p.resolve()), "rows": c, "start": s} for p, c, s in zip(paths, counts, starts)],
+            "files": [{"path": str(p.resolve()), "rows": rows, "start": start} for p, rows, start in files],
             "parts": [asdict(p) for p in parts], "dedup_partitions": cfg.output.dedup_partitions}
     write_json(path, plan)
-    print(f"curate: {n:,} rows in {len(paths)} file(s), {len(parts)} part(s) of up to {step:,} rows", flush=True)
+    print(f"curate: {n:,} rows in {len(files)} file(s), {len(parts)} part(s) of up to {step:,} rows", flush=True)
     warn_partition_sizes(cfg, n)
     return plan
 

@@ -1,9 +1,9 @@
 """Read URL lists (parquet, csv, tsv, jsonl; one file or a folder of parts), batch by batch.
 
-Every input row gets a global id ``row`` (file order, then line order): the key under which the
-rest of the pipeline accounts for it, kept or dropped. :func:`iter_url_list` holds one batch at a
-time: a parquet row-group batch, or one csv/tsv/jsonl file (split a URL list of billions of rows
-into files, as LAION and DataComp ship theirs).
+Every input row gets a global id ``row`` (file order, then line order; :func:`number_files`): the
+key under which the rest of the pipeline accounts for it, kept or dropped. :func:`iter_file` holds
+one batch at a time: a parquet row-group batch, or one csv/tsv/jsonl file (split a URL list of
+billions of rows into files, as LAION and DataComp ship theirs: each file is planned by its own task).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import pandas as pd
 import pyarrow as pa
@@ -137,7 +137,7 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> None:
                 f"record {i + 1}) where text is expected; write every {col} as a string (JSON \"...\") or null")
 
 
-# Rows per batch that iter_url_list reads from a parquet file: bounds the planner's memory (a batch of
+# Rows per batch that iter_file reads from a parquet file: bounds the planner's memory (a batch of
 # 250k rows and its copies through normalisation, ~0.5 GiB; `sigscale bench curation --sections plan`).
 BATCH_ROWS = 250_000
 
@@ -181,15 +181,17 @@ def iter_file(cfg: InputConfig, path: Path, start: int = 0, batch_rows: Optional
             start += len(df)
 
 
-def iter_url_list(cfg: InputConfig, batch_rows: Optional[int] = None) -> Iterator[pd.DataFrame]:
-    """The whole URL list in :func:`iter_file`'s batches, rows numbered in file order, then line order."""
-    start = 0
+def number_files(cfg: InputConfig) -> List[Tuple[Path, int, int]]:
+    """(file, its rows, its first row) of every URL-list file: rows are numbered in file order, then line order,
+    from :func:`count_rows`, so that each file can then be read on its own (:func:`iter_file`)."""
+    out, start = [], 0
     for path in list_files(cfg):
-        for batch in iter_file(cfg, path, start, batch_rows):
-            yield batch
-            start += len(batch)
+        rows = count_rows(cfg, path)
+        out.append((path, rows, start))
+        start += rows
     if start == 0:
         raise CurationError(f"URL list {cfg.path} has no rows; nothing to curate")
+    return out
 
 
 def _batch(df: pd.DataFrame, cfg: InputConfig, path: Path, start: int) -> pd.DataFrame:

@@ -89,7 +89,7 @@ def submit_curate(cfg, cluster: str, res: Resources, dry_run: bool = False) -> S
     if res.job_name == Resources.job_name:
         res = dataclasses.replace(res, job_name=f"sigscale-curate-{cfg.name}")
     with nothing_left_if_refused(run_dir):
-        plan = plan_layout(cfg)  # parquet footers only: no row of the list is read on this machine
+        plan = plan_layout(cfg)  # row counts only: parquet footers; text files are parsed (ship big lists as parquet)
         parts = parts_of(plan)
         part_tasks = [ArrayTask(part.name, run_part, (cfg, part)) for part in parts]
         if dry_run:

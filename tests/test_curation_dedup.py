@@ -1,5 +1,8 @@
 """Exact (url, caption) dedup over a whole URL list, streamed in batches and partitioned by pair key."""
 import json
+import signal
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -138,3 +141,42 @@ def test_each_file_is_planned_by_its_own_task_and_steps_refuse_to_run_early(tmp_
     frame.iloc[170:200].to_parquet(tmp_path / "urls" / "b.parquet")
     with pytest.raises(CurationError, match=r"b.parquet has 30 rows now and had 160 when the list was laid out"):
         planning.plan_file(cfg, 1)
+
+
+# A plan task of file 0 that the kernel kills (SIGKILL, as the OOM killer or a node failure would) after its
+# second batch of 37 rows: part 0 (rows 0-49) is published by then, the file's keys and summary are not.
+_KILLED_AFTER_TWO_BATCHES = """
+import os, signal, sys
+from sigscale.curation import plan, sources
+from sigscale.curation.config import load_curation_config
+sources.BATCH_ROWS = 37
+batches = []
+def trim_heap_then_die():
+    batches.append(1)
+    if len(batches) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+plan.trim_heap = trim_heap_then_die
+plan.plan_file(load_curation_config("default", sys.argv[1:]), 0)
+"""
+
+
+def test_a_plan_task_killed_mid_file_is_not_done_and_its_rerun_plans_the_file_once(tmp_path):
+    frame, planted = _url_list(tmp_path / "urls")
+    overrides = [f"input.path={tmp_path / 'urls'}", f"output.dir={tmp_path / 'out'}", "output.rows_per_part=50",
+                 "output.dedup_partitions=2"]
+    cfg = load_curation_config("default", overrides)
+    planning.plan_layout(cfg)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_TWO_BATCHES, *overrides], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    work = cfg.work_dir
+    assert (work / "inputs" / "part-00000" / "file-00000.parquet").is_file()  # published before the kill
+    assert not (work / "plan" / "file-00000.json").exists() and not (work / "plan" / "drops-00000.parquet").exists()
+    assert not (work / "dedup" / "keys-00000" / "file-00000.parquet").exists()  # keys are renamed at the end only
+    with pytest.raises(CurationError, match=r"2 of 2 URL-list file\(s\) are not planned yet"):
+        planning.dedup_partition(cfg, 0)
+    parts = pipeline.plan_parts(cfg)  # plans both files (file 0 again, from its first row), then dedup
+    inputs = pd.concat([planning.part_rows(cfg, p) for p in parts])
+    drops = pd.concat([planning.plan_drops(cfg, p) for p in parts])
+    assert sorted(inputs["row"].tolist() + drops["row"].tolist()) == list(range(len(frame)))  # each row once
+    assert set(np.concatenate([planning.duplicates_in(cfg, p) for p in parts]).tolist()) == set(planted)

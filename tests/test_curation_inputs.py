@@ -6,13 +6,19 @@ import pytest
 
 from sigscale import CONFIG_DIR
 from sigscale.curation.config import CurationError, load_curation_config
-from sigscale.curation.sources import iter_url_list
+from sigscale.curation.sources import count_rows, iter_file, number_files
 from sigscale.core.config import ConfigError
 
 
 def read_all(cfg):
-    """The whole URL list as one table: every batch the planner would stream, concatenated."""
-    return pd.concat(iter_url_list(cfg), ignore_index=True)
+    """The whole URL list as one table: every batch the plan tasks would read, each file from the first row the
+    layout numbers it from, concatenated; each file's rows as many as its count says."""
+    batches = []
+    for path, rows, start in number_files(cfg):
+        mine = list(iter_file(cfg, path, start))
+        assert sum(len(b) for b in mine) == rows == count_rows(cfg, path)
+        batches += mine
+    return pd.concat(batches, ignore_index=True)
 
 ROWS = pd.DataFrame({
     "URL": ["http://a.example/1.jpg", "http://a.example/2.jpg", "https://b.example/3.png"],
