@@ -171,6 +171,8 @@ def _times(job_id: str, field: str, duplicates: bool = False) -> list:
 
 @slurm
 def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_them(cluster, tmp_path):
+    import pandas as pd
+
     from sigscale.curation.config import load_curation_config
     from sigscale.core.manifest import load_manifest
     from sigscale.curation.finalize import assemble_key
@@ -179,8 +181,11 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
     from sigscale.curation.serve import ImageServer, write_url_list
 
     with ImageServer() as server:
-        urls = write_url_list(tmp_path / "urls.parquet", 60, server.base_url, seed=3)
-        cfg = load_curation_config("demo", [f"input.path={urls}", f"output.dir={tmp_path / 'curated'}",
+        urls = pd.read_parquet(write_url_list(tmp_path / "urls.parquet", 60, server.base_url, seed=3))
+        (tmp_path / "urls").mkdir()  # two files: a plan task each; part 1 (rows 20-39) takes rows from both
+        urls.iloc[:30].to_parquet(tmp_path / "urls" / "a.parquet")
+        urls.iloc[30:].to_parquet(tmp_path / "urls" / "b.parquet")
+        cfg = load_curation_config("demo", [f"input.path={tmp_path / 'urls'}", f"output.dir={tmp_path / 'curated'}",
                                             "output.rows_per_part=20", "download.processes=1",
                                             "download.threads=4", "output.plots=false",
                                             "output.finalize_partitions=2", "output.dedup_partitions=2"])
@@ -194,14 +199,16 @@ def test_curation_array_runs_every_part_then_finalizes_and_resubmission_skips_th
                  f"balance-cut-{key}-{assemble_key(cfg)}",
                  *(f"{step}-{key}-{assemble_key(cfg)}-part-0000{i}" for step in ("decide", "write") for i in range(3)),
                  "finalize"]
-        parts = ["plan-00000", "dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
+        parts = ["plan-00000", "plan-00001", "dedup-00000", "dedup-00001", "part-00000", "part-00001", "part-00002"]
         assert sub.names == [*parts, *steps]
         wait(sub, poll_s=1, timeout_s=400)
     out = tmp_path / "curated"
     manifest = load_manifest(out / "manifest.json")
     stats = json.loads((out / "stats.json").read_text())
     assert manifest.num_samples > 0 and stats["input_rows"] == 60
-    parts_array = sub.jobs[3].job_id.split("_")[0]
+    assert sorted(p.name for p in (out / "work" / "inputs" / "part-00001").iterdir()) == [
+        "file-00000.parquet", "file-00001.parquet"]  # each file's plan task wrote its share of the part
+    parts_array = sub.jobs[4].job_id.split("_")[0]
     (script_path,) = (out / "slurm").glob(f"*-curate/{parts_array}_submission.sh")  # each array has its folder
     script = script_path.read_text()
     assert "#SBATCH --array=0-2%2" in script
