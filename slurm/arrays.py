@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Sequence
 
-from sigscale.slurm.executor import Resources, SubmitError, make_executor, sbatch_errors, sbatch_script
+from sigscale.slurm.executor import (Resources, SubmitError, make_executor, max_array_size, sbatch_errors,
+                                     sbatch_script)
 from sigscale.slurm.jobs import Submission, new_folder, record
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -66,10 +67,12 @@ def _check_names(tasks: Sequence[ArrayTask]) -> None:
 
 def submit_array(run_dir: Path, kind: str, tasks: Sequence[ArrayTask], cluster: str, res: Resources,
                  dry_run: bool = False) -> Submission:
-    """Submit the tasks of ``tasks`` not yet done as one array of at most ``res.array_parallelism`` at once.
+    """Submit the tasks of ``tasks`` not yet done as arrays of at most ``res.array_parallelism`` running at once.
 
-    Slurm: returns right after sbatch (``jobs.wait`` blocks). Local: runs the waves and returns when all
-    have ended (failures are raised by ``jobs.wait`` on the returned submission, like on Slurm).
+    Slurm: one array, or, past the cluster's MaxArraySize (1001 by default: 10k curation parts would be refused
+    whole), arrays of that many tasks, each starting once the one before has ended (``afterany``) so the cap
+    holds over all of them; returns right after sbatch (``jobs.wait`` blocks). Local: runs the waves and returns
+    when all have ended (failures are raised by ``jobs.wait`` on the returned submission, like on Slurm).
     """
     _check_names(tasks)
     run_dir = Path(run_dir).absolute()
@@ -86,10 +89,12 @@ def submit_array(run_dir: Path, kind: str, tasks: Sequence[ArrayTask], cluster: 
     executor = make_executor(cluster, folder, res)
     calls = [MarkDone(t, done_dir(run_dir) / f"{t.name}.json") for t in todo]
     sub = Submission(run_dir, kind, cluster, folder, skipped=skipped)
-    waves = [calls] if cluster == "slurm" else [calls[i:i + res.array_parallelism]
-                                                 for i in range(0, len(calls), res.array_parallelism)]
+    size = max_array_size() if cluster == "slurm" else res.array_parallelism
+    waves = [calls[i:i + size] for i in range(0, len(calls), size)]
     try:
         for wave in waves:
+            if cluster == "slurm" and wave is not waves[0]:
+                executor.update_parameters(additional_parameters=_after(res, sub.jobs[-1].job_id.split("_")[0]))
             # One sbatch with `--array=0-(n-1)%cap` (submitit's map_array path); locally, one process each.
             with sbatch_errors(), executor.batch():
                 wave_jobs = [executor.submit(call) for call in wave]
@@ -104,3 +109,11 @@ def submit_array(run_dir: Path, kind: str, tasks: Sequence[ArrayTask], cluster: 
             record(sub)
     return sub
 
+
+def _after(res: Resources, array_id: str) -> Dict[str, Any]:
+    """``res``'s extra sbatch options with the job also waiting for array ``array_id`` to end, ok or not (its
+    failures fail the step after it, through that step's afterok)."""
+    extra = dict(res.extra)
+    waits = [extra["dependency"]] if extra.get("dependency") else []
+    extra["dependency"] = ",".join([*waits, f"afterany:{array_id}"])  # a comma: every condition must hold
+    return extra

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,21 @@ def slurm_parameters(res: Resources, requeue: bool = False) -> Dict[str, Any]:
     if extra:
         params["additional_parameters"] = extra
     return params
+
+
+# Slurm's default MaxArraySize: an array's indices run 0..MaxArraySize-1, so it holds at most this many tasks.
+DEFAULT_MAX_ARRAY_SIZE = 1001
+
+
+def max_array_size() -> int:
+    """The most tasks one array may hold on this cluster: its controller's MaxArraySize (`scontrol show config`),
+    or Slurm's default where scontrol does not answer (sbatch then says why)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY_SIZE
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY_SIZE
 
 
 def make_executor(cluster: str, folder: Path, res: Resources, requeue: bool = False):

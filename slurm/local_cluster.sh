@@ -146,6 +146,7 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
 MessageTimeout=20
+$(array_limit)
 $(node_lines "$cpus")
 PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACE_S
 PartitionName=urgent Nodes=$(IFS=,; echo "${NODES[*]}") MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
@@ -196,6 +197,11 @@ suffix() {  # per-node daemon files when several slurmd share this config (Slurm
 
 node_addr() {  # node_addr INDEX (1-based): the node's address
     if [[ "$MODE" == two-node ]]; then echo "$NET.$((10 + $1))"; else echo 127.0.0.1; fi
+}
+
+array_limit() {  # the two-node cluster refuses arrays of more than 4 tasks, as sites cap MaxArraySize (default
+    # 1001): tests/test_slurm_two_nodes.py checks that a longer step is submitted as several arrays
+    [[ "$MODE" == two-node ]] && echo "MaxArraySize=4" || true
 }
 
 node_lines() {  # node_lines CPUS: one NodeName line per node; each node declares the machine's CPUs

@@ -9,14 +9,15 @@ import time
 import pytest
 
 from slurm_fixtures import two_node_cluster, two_nodes  # noqa: F401  (fixtures)
-from test_slurm import CKPT_EVERY, STEPS, reference  # noqa: F401  (reference is a fixture)
+from test_slurm import CKPT_EVERY, STEPS, _times, reference  # noqa: F401  (reference is a fixture)
 from test_train import data, metric_losses, overrides  # noqa: F401  (data is a fixture)
 
 from slurm_fixtures import SCRIPT
 from sigscale.cli import main
 from sigscale.pretrain.checkpoint import latest_checkpoint
 from sigscale.pretrain.config import load_config
-from sigscale.slurm.executor import Resources
+from sigscale.slurm.arrays import ArrayTask, is_done, submit_array
+from sigscale.slurm.executor import Resources, max_array_size
 from sigscale.slurm.jobs import JobFailedError, read_records, wait
 from sigscale.slurm.submit import submit_train
 
@@ -84,3 +85,24 @@ def test_dead_node_fails_the_job_naming_rank_and_node_then_resubmission_resumes(
     out = again.jobs[0].task(0).paths.stdout.read_text()
     assert re.findall(r"^resumed from \S*/(step_\d+) ", out, re.M) == [newest]
     assert metric_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+@slurm
+def test_a_step_longer_than_the_clusters_max_array_size_runs_as_arrays_one_after_another(two_nodes, tmp_path):
+    """This cluster's MaxArraySize is 4 (sites lower Slurm's 1001 too): sbatch refuses a 5-task array, so 9 tasks
+    go as arrays of 4, 4 and 1, each starting once the one before has ended; never more than the cap at once."""
+    refused = subprocess.run(["sbatch", "--array=0-4", "--wrap", "true"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "Invalid job array specification" in refused.stderr
+    assert max_array_size() == 4
+    tasks = [ArrayTask(f"nap{i}", time.sleep, (2,)) for i in range(9)]
+    res = Resources(cpus_per_task=1, time_min=10, array_parallelism=2)
+    sub = submit_array(tmp_path / "run", "naps", tasks, "slurm", res)
+    arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in sub.jobs))
+    assert len(arrays) == 3 and sub.names == [t.name for t in tasks]
+    wait(sub, poll_s=1, timeout_s=300)
+    assert all(is_done(tmp_path / "run", t.name) for t in tasks)
+    for before, after in zip(arrays, arrays[1:]):
+        assert max(_times(before, "End")) <= min(_times(after, "Start"))
+    spans = [span for a in arrays for span in zip(_times(a, "Start"), _times(a, "End"))]
+    assert len(spans) == 9 and max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
+    assert submit_array(tmp_path / "run", "naps", tasks, "slurm", res).skipped == sub.names  # done: none again
