@@ -36,7 +36,7 @@ from sigscale.curation.config import CurationConfig, CurationError
 from sigscale.curation.langid import declared_code
 from sigscale.curation.partitions import band_layout
 from sigscale.curation.sources import COLUMNS as URL_COLUMNS, iter_file, list_files, number_files
-from sigscale.curation.tasks import task_index, write_json
+from sigscale.curation.tasks import local_pool, task_index, write_json
 from sigscale.curation.text_filters import (CLEANED, cleaned_counts, later_copies, normalize_rows, pair_keys,
                                            reasons_by_language, sum_counts)
 
@@ -98,7 +98,8 @@ def plan_layout(cfg: CurationConfig) -> dict:
             raise CurationError(
                 f"{work} holds {len(done)} finished part(s) of a different URL list, input config or sigscale "
                 f"version (input.path={cfg.input.path}); use a new output.dir or delete {work}")
-    files = number_files(cfg.input)
+    with local_pool(cfg.output.local_processes) as pool:  # spawns only for text files: parquet has footers
+        files = number_files(cfg.input, pool)
     n = sum(rows for _, rows, _ in files)
     for stale in (work / PLAN_DIR, work / INPUTS_DIR, work / DEDUP_DIR):
         shutil.rmtree(stale, ignore_errors=True)

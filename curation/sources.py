@@ -12,7 +12,9 @@ import json
 import lzma
 import math
 import zlib
+from concurrent.futures import Executor
 from contextlib import contextmanager
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -181,12 +183,16 @@ def iter_file(cfg: InputConfig, path: Path, start: int = 0, batch_rows: Optional
             start += len(df)
 
 
-def number_files(cfg: InputConfig) -> List[Tuple[Path, int, int]]:
+def number_files(cfg: InputConfig, pool: Optional[Executor] = None) -> List[Tuple[Path, int, int]]:
     """(file, its rows, its first row) of every URL-list file: rows are numbered in file order, then line order,
-    from :func:`count_rows`, so that each file can then be read on its own (:func:`iter_file`)."""
+    from :func:`count_rows`, so that each file can then be read on its own (:func:`iter_file`). Text files, which
+    are parsed to be counted, are counted over ``pool``'s processes when one is given; parquet footers here."""
+    paths = list_files(cfg)
+    text = [p for p in paths if _format_of(p, cfg.format) != "parquet"]
+    counted = dict(zip(text, pool.map(count_rows, repeat(cfg), text))) if pool and len(text) > 1 else {}
     out, start = [], 0
-    for path in list_files(cfg):
-        rows = count_rows(cfg, path)
+    for path in paths:
+        rows = counted[path] if path in counted else count_rows(cfg, path)
         out.append((path, rows, start))
         start += rows
     if start == 0:

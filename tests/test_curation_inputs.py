@@ -71,6 +71,19 @@ def test_a_folder_of_parts_is_numbered_in_file_order(tmp_path):
     assert df["row"].tolist() == [0, 1, 2] and df["url"].tolist() == ROWS["URL"].tolist()
 
 
+def test_text_files_counted_over_processes_are_numbered_as_counted_here(tmp_path):
+    from sigscale.curation.tasks import local_pool
+
+    for k, fmt in enumerate(["csv", "parquet", "tsv", "jsonl", "csv"]):
+        write(ROWS.iloc[: k + 1], tmp_path / f"part-{k}.{fmt}")
+    cfg = cfg_for(tmp_path)
+    with local_pool(2) as pool:  # spawned processes count the four text files, the parquet footer is read here
+        counted = number_files(cfg, pool)
+    assert counted == number_files(cfg) and [(p.name, n, s) for p, n, s in counted] == [
+        ("part-0.csv", 1, 0), ("part-1.parquet", 2, 1), ("part-2.tsv", 3, 3), ("part-3.jsonl", 3, 6),
+        ("part-4.csv", 3, 9)]
+
+
 def test_bad_url_lists_fail_naming_file_and_column(tmp_path):
     write(ROWS, tmp_path / "urls.csv")
     with pytest.raises(CurationError, match=r"urls.csv has no column\(s\) \['caption'\] \(it has \['URL', 'TEXT', 'lang', 'width'\]\)"):
