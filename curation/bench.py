@@ -390,11 +390,11 @@ def _url_list_task(path: str, start: int, n: int, fraction: float, seed: int) ->
 
 def _layout_task(folder: str, partitions: int, rows_per_part: int) -> dict:
     """The plan's layout: every file's row count (parquet footers) and the parts."""
-    from sigscale.curation.plan import plan_layout
+    from sigscale.curation.plan import parts_of, plan_layout
 
     t0 = time.perf_counter()
     plan = plan_layout(_plan_config(folder, partitions, rows_per_part))
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(plan["parts"])}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(parts_of(plan))}
 
 
 def _plan_file_task(folder: str, partitions: int, rows_per_part: int, f: int) -> dict:

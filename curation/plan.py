@@ -69,7 +69,10 @@ def part_dir(cfg: CurationConfig, part: Part) -> Path:
 
 
 def parts_of(plan: dict) -> List[Part]:
-    return [Part(**p) for p in plan["parts"]]
+    """The parts, derived from the row count: plan.json stays O(files), so that the tasks which read it once per
+    part (the merge, over 10^4-10^5 parts) do not parse a list of every part each time."""
+    n, step = plan["input_rows"], plan["rows_per_part"]
+    return [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
 
 
 def _piece(f: int) -> str:
@@ -84,8 +87,8 @@ def _fingerprint(cfg: CurationConfig) -> dict:
 
 
 def plan_layout(cfg: CurationConfig) -> dict:
-    """plan.json: the files with their row counts and first rows, the parts (see module doc). Reuses the plan
-    of the same input and settings; a changed one is laid out again, unless a part of it has finished."""
+    """plan.json: the files with their row counts and first rows, the rows per part (see module doc). Reuses the
+    plan of the same input and settings; a changed one is laid out again, unless a part of it has finished."""
     work = cfg.work_dir
     path = work / PLAN
     fingerprint = _fingerprint(cfg)
@@ -93,7 +96,7 @@ def plan_layout(cfg: CurationConfig) -> dict:
         plan = json.loads(path.read_text())
         if plan["fingerprint"] == fingerprint:
             return plan
-        done = sorted(p.parent.name for p in (work / PARTS_DIR).glob(f"*/{DONE}"))
+        done = list((work / PARTS_DIR).glob(f"*/{DONE}"))
         if done:
             raise CurationError(
                 f"{work} holds {len(done)} finished part(s) of a different URL list, input config or sigscale "
@@ -105,12 +108,12 @@ def plan_layout(cfg: CurationConfig) -> dict:
         shutil.rmtree(stale, ignore_errors=True)
         stale.mkdir(parents=True)
     step = cfg.output.rows_per_part
-    parts = [Part(k, start, min(n, start + step)) for k, start in enumerate(range(0, n, step))]
-    plan = {"fingerprint": fingerprint, "input_rows": n,
+    plan = {"fingerprint": fingerprint, "input_rows": n, "rows_per_part": step,
             "files": [{"path": str(p.resolve()), "rows": rows, "start": start} for p, rows, start in files],
-            "parts": [asdict(p) for p in parts], "dedup_partitions": cfg.output.dedup_partitions}
+            "dedup_partitions": cfg.output.dedup_partitions}
     write_json(path, plan)
-    print(f"curate: {n:,} rows in {len(files)} file(s), {len(parts)} part(s) of up to {step:,} rows", flush=True)
+    print(f"curate: {n:,} rows in {len(files)} file(s), {len(parts_of(plan))} part(s) of up to {step:,} rows",
+          flush=True)
     warn_partition_sizes(cfg, n)
     return plan
 
