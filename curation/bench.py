@@ -384,16 +384,19 @@ def _url_list_task(path: str, start: int, n: int, fraction: float, seed: int) ->
         "url": [f"http://img{i % 9973}.example.org/{i:x}.jpg" for i in ids],
         "caption": [f"a photo {'  ' if sp else ' '}of item {i} on a {COLOURS[i % 3]} table"
                     for i, sp in zip(ids, spaced.tolist())]})
-    frame.to_parquet(path, index=False, row_group_size=100_000)
+    if path.endswith(".csv"):
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False, row_group_size=100_000)
     return int(copy.sum())
 
 
-def _layout_task(folder: str, partitions: int, rows_per_part: int) -> dict:
-    """The plan's layout: every file's row count (parquet footers) and the parts."""
+def _layout_task(folder: str, partitions: int, rows_per_part: int, processes: int) -> dict:
+    """The plan's layout: every file's row count (parquet footers; text files parsed over ``processes``)."""
     from sigscale.curation.plan import parts_of, plan_layout
 
     t0 = time.perf_counter()
-    plan = plan_layout(_plan_config(folder, partitions, rows_per_part))
+    plan = plan_layout(_plan_config(folder, partitions, rows_per_part, processes))
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "parts": len(parts_of(plan))}
 
 
@@ -406,12 +409,13 @@ def _plan_file_task(folder: str, partitions: int, rows_per_part: int, f: int) ->
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
-def _plan_config(folder: str, partitions: int, rows_per_part: int):
+def _plan_config(folder: str, partitions: int, rows_per_part: int, processes: int = 1):
     from sigscale.curation.config import load_curation_config
 
     return load_curation_config("default", [f"input.path={Path(folder) / 'urls'}", f"output.dir={Path(folder) / 'out'}",
                                             f"output.rows_per_part={rows_per_part}",
-                                            f"output.dedup_partitions={partitions}"])
+                                            f"output.dedup_partitions={partitions}",
+                                            f"output.local_processes={processes}"])
 
 
 def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -> dict:
@@ -426,20 +430,20 @@ def _plan_dedup_task(folder: str, partitions: int, rows_per_part: int, k: int) -
 
 def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int = 1_000_000,
                    rows_per_dedup_partition: int = 2_000_000, exact_fraction: float = 0.05, workers: int = 2,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, list_format: str = "parquet") -> dict:
     """The planner (layout, then a task per file over ``workers`` processes) and the exact dedup, through the
-    pipeline's own functions, on a synthetic URL list of ``rows`` rows in parquet files: peak RSS of every task,
-    rows/s, copies caught."""
+    pipeline's own functions, on a synthetic URL list of ``rows`` rows in parquet (or csv) files: peak RSS of
+    every task, rows/s, copies caught."""
     partitions = max(1, math.ceil(rows / rows_per_dedup_partition))
     files = [(start, min(rows_per_file, rows - start)) for start in range(0, rows, rows_per_file)]
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
     with tempfile.TemporaryDirectory() as tmp, pool:
         (Path(tmp) / "urls").mkdir()
         t0 = time.perf_counter()
-        list(pool.map(_url_list_task, [str(Path(tmp) / "urls" / f"urls-{i:05d}.parquet") for i in range(len(files))],
+        list(pool.map(_url_list_task, [str(Path(tmp) / "urls" / f"urls-{i:05d}.{list_format}") for i in range(len(files))],
                       *zip(*[(s, n, exact_fraction, seed) for s, n in files])))
         t1 = time.perf_counter()
-        layout = pool.submit(_layout_task, tmp, partitions, rows_per_part).result()
+        layout = pool.submit(_layout_task, tmp, partitions, rows_per_part, workers).result()
         t2 = time.perf_counter()
         planned = list(pool.map(_plan_file_task, *zip(*[(tmp, partitions, rows_per_part, f)
                                                         for f in range(len(files))])))
@@ -449,7 +453,8 @@ def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int
         t4 = time.perf_counter()
     planted = np.concatenate([np.arange(s, s + n)[planted_identities(s, n, exact_fraction, seed)[1]] for s, n in files])
     dropped = np.concatenate([r.pop("dropped") for r in deduped])
-    return {"rows": rows, "files": len(files), "parts": layout["parts"], "partitions": partitions,
+    return {"rows": rows, "files": len(files), "list_format": list_format, "parts": layout["parts"],
+            "partitions": partitions,
             "workers": workers, "cpus": os.cpu_count(), "write_list_seconds": round(t1 - t0, 1),
             "layout": _step([layout], t2 - t1, rows), "plan": _step(planned, t3 - t2, rows),
             "plan_rows_per_task_second": round(rows / sum(r["seconds"] for r in planned), 1),
@@ -461,16 +466,16 @@ def run_plan_bench(rows: int, rows_per_file: int = 1_000_000, rows_per_part: int
 def render_plan_markdown(results: List[dict], command: str) -> str:
     """The BENCHMARKS.md table of :func:`run_plan_bench` results, with the command that made it."""
     lines = [f"`{command}`", "",
-             "| rows | files | parts | key partitions | processes | layout seconds (one task) "
+             "| rows | files | parts | key partitions | processes | layout seconds "
              "| peak RSS / plan task (MiB, max) | plan rows/s | plan rows per task-second "
-             "| peak RSS / dedup task (MiB, max) | dedup rows/s | planted copies caught | false drops |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS / dedup task (MiB, max) | dedup rows/s | planted copies caught | false drops | list format |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['files']} | {r['parts']} | {r['partitions']} | {r['workers']} "
                      f"| {r['layout']['wall_seconds']} | {r['plan']['peak_rss_mib_max']} "
                      f"| {r['plan']['rows_per_second']:,} | {r['plan_rows_per_task_second']:,} "
                      f"| {r['dedup']['peak_rss_mib_max']} | {r['dedup']['rows_per_second']:,} "
-                     f"| {r['caught']:,} / {r['planted']:,} | {r['false_drops']} |")
+                     f"| {r['caught']:,} / {r['planted']:,} | {r['false_drops']} | {r['list_format']} |")
     return "\n".join(lines) + "\n"
 
 

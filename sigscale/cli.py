@@ -225,7 +225,7 @@ def _bench_curation(args: argparse.Namespace) -> int:
     results = []
     for n in args.rows.split(","):  # written after each size: a long last size does not lose the others
         workers = args.nproc or 2
-        results.append(run_plan_bench(int(n), workers=workers) if plan else
+        results.append(run_plan_bench(int(n), workers=workers, list_format=args.list_format) if plan else
                        run_finalize_bench(int(n), threshold=threshold, workers=workers))
         out.write_text(json.dumps(results, indent=1))
     render = render_plan_markdown if plan else render_finalize_markdown
@@ -300,6 +300,8 @@ def _bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--rows", help="curation: comma-separated candidate counts for the partitioned finalize on "
                    "synthetic metadata, e.g. 1000000,4000000 (without it: the loopback end-to-end bench)")
     b.add_argument("--phash-threshold", type=int, help="curation --rows: pHash Hamming threshold (default 3)")
+    b.add_argument("--list-format", choices=("parquet", "csv"), default="parquet",
+                   help="curation --rows --sections plan: the synthetic URL list's files (default parquet)")
     b.add_argument("--dry-run", action="store_true", help="gpu: every section on the CPU at tiny shapes")
     b.add_argument("--peer", help="langid: also compare this identifier's top-1 accuracy and speed (lingua; "
                    "needs `pip install lingua-language-detector`)")

@@ -117,6 +117,11 @@ def test_plan_bench_runs_the_pipeline_planner_and_dedup_on_a_generated_url_list(
     assert (f"| 12,000 | 2 | 3 | 2 | 2 | {result['layout']['wall_seconds']} | {result['plan']['peak_rss_mib_max']} "
             f"| {result['plan']['rows_per_second']:,} |") in table
     assert f"| {result['planted']:,} / {result['planted']:,} | 0 |" in table
+    # A csv list: the layout parses the two files to count them (over two processes), the plan tasks again.
+    csv = run_plan_bench(6000, rows_per_file=3000, rows_per_part=4000, rows_per_dedup_partition=6000,
+                         list_format="csv")
+    assert (csv["files"], csv["parts"], csv["list_format"]) == (2, 2, "csv")
+    assert 200 < csv["planted"] == csv["caught"] and csv["false_drops"] == 0
 
 
 def test_a_quadratic_near_duplicate_search_is_announced_with_its_fix(capsys):
